@@ -1,0 +1,1 @@
+"""Hands: disposable sandboxes in which the model's tool calls run."""

@@ -1,0 +1,40 @@
+"""Command-line flags that fall back to environment variables, then to defaults (flag > env > default)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def add_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    env: str,
+    environ: Mapping[str, str],
+    default: Any,
+    help: str,
+    type: Callable[[str], Any] = str,
+    choices: list[str] | None = None,
+) -> None:
+    """Adds `--flag` whose default comes from `environ[env]` if set; the help text names the variable."""
+    raw = environ.get(env)
+    value = type(raw) if raw not in (None, "") else default
+    parser.add_argument(
+        flag,
+        default=value,
+        type=type,
+        choices=choices,
+        help=f"{help} [env: {env}; default: {default}]",
+    )
+
+
+def parse_listen(value: str) -> str:
+    """Checks a `host:port` listen address (port 0 picks a free port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not host:port (e.g. 127.0.0.1:7301, or port 0 for any)"
+        )
+    return value

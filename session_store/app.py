@@ -1,0 +1,58 @@
+"""Assembles a running session store: the SQLite event store behind a `MeshServer`. `__main__` and the tests
+build it the same way."""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from managed_agents.mesh.server import MeshServer, Service
+from managed_agents.v1 import session_pb2_grpc
+from session_store.config import StoreConfig
+from session_store.server import SERVICE_NAME, SessionServicer
+from session_store.sqlite import SqliteEventStore
+
+
+class StoreServer:
+    """A session store that is serving; `aclose()` stops it gracefully."""
+
+    def __init__(self, server: MeshServer, store: SqliteEventStore) -> None:
+        self.server = server
+        self.store = store
+
+    @property
+    def address(self) -> str:
+        """Bound `host:port`."""
+        return self.server.address
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Ends watches, lets in-flight calls finish, then closes the database."""
+        await self.server.stop(grace)
+        await self.store.aclose()
+
+
+def build(config: StoreConfig, store: SqliteEventStore, tracer_provider: TracerProvider | None) -> MeshServer:
+    """A (not yet started) server for `store`."""
+    servicer = SessionServicer(store)
+
+    async def end_watches() -> None:
+        # Streams would otherwise hold the graceful stop for its whole grace period.
+        store.tail.close()
+
+    return MeshServer(
+        [Service(SERVICE_NAME, servicer, session_pb2_grpc.add_SessionServiceServicer_to_server)],
+        listen=config.listen,
+        tracer_provider=tracer_provider,
+        on_stopping=[end_watches],
+    )
+
+
+async def start(config: StoreConfig, tracer_provider: TracerProvider | None) -> StoreServer:
+    """Opens the database and starts serving."""
+    store = await SqliteEventStore.open(config.data_dir, synchronous=config.synchronous)
+    try:
+        server = build(config, store, tracer_provider)
+        await server.start()
+    except BaseException:
+        await store.aclose()
+        raise
+    return StoreServer(server, store)

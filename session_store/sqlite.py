@@ -1,0 +1,660 @@
+"""The embedded event store: one SQLite file in WAL mode.
+
+Writes go through one writer thread that owns the only write connection. Appends, session creations and
+lease changes are queued and committed in groups: whatever arrived while the previous transaction was being
+committed goes into the next one (group commit), so throughput grows with concurrency instead of collapsing.
+Each group costs one hop into the writer thread and one commit. A caller is answered only after its
+group's COMMIT returned. Reads use separate aiosqlite connections; WAL lets them run beside the writer and
+shows them only committed transactions.
+
+The writer keeps the sessions it touched in memory (last seq, status, lease), which is sound because it is the
+only writer: the data directory is locked, so a second store process on the same files refuses to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+
+from managed_agents.mesh.errors import (
+    IdempotencyKeyReused,
+    LeaseFenced,
+    LeaseHeld,
+    MeshError,
+    SequenceMismatch,
+    SessionAlreadyExists,
+    SessionNotFound,
+    ShuttingDown,
+    Unavailable,
+)
+from managed_agents.mesh.ids import EVENT_PREFIX, new_id
+from session_store import wire
+from session_store.store import (
+    AppendRequest,
+    AppendResult,
+    Lease,
+    SessionCursor,
+    SessionRecord,
+    SessionStatus,
+    StoredEvent,
+)
+from session_store.tail import Tail
+
+log = logging.getLogger(__name__)
+
+Synchronous = Literal["normal", "full"]
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id   TEXT PRIMARY KEY,
+    status       INTEGER NOT NULL,
+    last_seq     INTEGER NOT NULL,
+    create_time  INTEGER NOT NULL,
+    update_time  INTEGER NOT NULL,
+    lease_holder TEXT NOT NULL DEFAULT '',
+    lease_epoch  INTEGER NOT NULL DEFAULT 0,
+    lease_expire INTEGER NOT NULL DEFAULT 0,
+    spec         BLOB NOT NULL,
+    log_bytes    INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_newest ON sessions (create_time DESC, session_id DESC);
+CREATE INDEX IF NOT EXISTS sessions_by_status ON sessions (status, create_time DESC, session_id DESC);
+-- Clustered by (session, seq): a slice of one session's log is one contiguous range, cheap at any position.
+-- `body` is the complete serialized Event. `end_offset` is the session's log size in bytes up to and
+-- including this event, so a page can stop at a byte budget with a range predicate, without reading the
+-- bodies it leaves out.
+CREATE TABLE IF NOT EXISTS events (
+    session_id  TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    end_offset  INTEGER NOT NULL,
+    event_id    TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    create_time INTEGER NOT NULL,
+    body        BLOB NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    session_id TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    digest     BLOB NOT NULL,
+    first_seq  INTEGER NOT NULL,
+    count      INTEGER NOT NULL,
+    PRIMARY KEY (session_id, key)
+) WITHOUT ROWID;
+"""
+
+_SESSION_COLUMNS = (
+    "session_id, status, last_seq, create_time, update_time, lease_holder, lease_epoch, lease_expire, spec, "
+    "log_bytes"
+)
+
+# Bounds on one group commit: enough to amortize a commit, small enough to keep latency flat.
+_MAX_GROUP_COMMANDS = 512
+_MAX_GROUP_BYTES = 32 * 1024 * 1024
+_MAX_CACHED_SESSIONS = 50_000
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class _Row:
+    """The writer's mutable copy of one sessions row."""
+
+    __slots__ = (
+        "create_time_us",
+        "dirty",
+        "epoch",
+        "expire_us",
+        "holder",
+        "last_seq",
+        "log_bytes",
+        "session_id",
+        "spec",
+        "status",
+        "update_time_us",
+    )
+
+    def __init__(self, values: Sequence[Any]) -> None:
+        (sid, status, last_seq, create, update, holder, epoch, expire, spec, log_bytes) = values
+        self.log_bytes = int(log_bytes)
+        self.session_id = str(sid)
+        self.status = SessionStatus(int(status))
+        self.last_seq = int(last_seq)
+        self.create_time_us = int(create)
+        self.update_time_us = int(update)
+        self.holder = str(holder)
+        self.epoch = int(epoch)
+        self.expire_us = int(expire)
+        self.spec = bytes(spec)
+        self.dirty = False
+
+    def record(self) -> SessionRecord:
+        return _record(
+            (
+                self.session_id,
+                int(self.status),
+                self.last_seq,
+                self.create_time_us,
+                self.update_time_us,
+                self.holder,
+                self.epoch,
+                self.expire_us,
+                self.spec,
+                self.log_bytes,
+            )
+        )
+
+
+def _record(values: Sequence[Any]) -> SessionRecord:
+    (sid, status, last_seq, create, update, holder, epoch, expire, spec, _) = values
+    return SessionRecord(
+        session_id=str(sid),
+        status=SessionStatus(int(status)),
+        last_seq=int(last_seq),
+        create_time_us=int(create),
+        update_time_us=int(update),
+        lease=Lease(holder=str(holder), epoch=int(epoch), expire_time_us=int(expire)),
+        spec=bytes(spec),
+    )
+
+
+# Commands the writer thread executes; each names the outcome it produces.
+@dataclass(frozen=True, slots=True)
+class _Create:
+    session_id: str
+    spec: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Append:
+    request: AppendRequest
+
+
+@dataclass(frozen=True, slots=True)
+class _Acquire:
+    session_id: str
+    holder: str
+    ttl_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Renew:
+    session_id: str
+    holder: str
+    epoch: int
+    ttl_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Release:
+    session_id: str
+    holder: str
+    epoch: int
+
+
+_Command = _Create | _Append | _Acquire | _Renew | _Release
+
+
+@dataclass(slots=True)
+class _Queued:
+    command: _Command
+    future: asyncio.Future[object]
+    size: int = field(default=0)
+
+
+class _Writer:
+    """Everything that happens in the writer thread: synchronous methods that never touch the event loop."""
+
+    def __init__(self, path: Path, synchronous: Synchronous) -> None:
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.executescript(_SCHEMA)
+        self._conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        (version,) = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if int(version) != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{path} has schema version {version}; this store understands {SCHEMA_VERSION}"
+            )
+        self._cache: OrderedDict[str, _Row] = OrderedDict()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def run(self, commands: Sequence[_Command]) -> list[object]:
+        """Applies `commands` in one transaction; returns each one's result or `MeshError`."""
+        now = _now_us()
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            results = [self._apply(command, now) for command in commands]
+            self._flush(now)
+            self._conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+            # The cache may hold changes that never committed.
+            self._cache.clear()
+            raise
+        while len(self._cache) > _MAX_CACHED_SESSIONS:
+            self._cache.popitem(last=False)
+        return results
+
+    def _apply(self, command: _Command, now: int) -> object:
+        try:
+            match command:
+                case _Create():
+                    return self._create(command, now)
+                case _Append():
+                    return self._append(command.request, now)
+                case _Acquire():
+                    return self._acquire(command, now)
+                case _Renew():
+                    return self._renew(command, now)
+                case _Release():
+                    return self._release(command)
+        except MeshError as error:
+            return error
+
+    def _row(self, session_id: str) -> _Row:
+        row = self._cache.get(session_id)
+        if row is None:
+            values = self._conn.execute(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            if values is None:
+                raise SessionNotFound(f"session {session_id} does not exist")
+            row = _Row(values)
+            self._cache[session_id] = row
+        else:
+            self._cache.move_to_end(session_id)
+        return row
+
+    def _create(self, command: _Create, now: int) -> SessionRecord:
+        try:
+            self._conn.execute(
+                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, 0, ?, ?, '', 0, 0, ?, 0)",
+                (command.session_id, int(SessionStatus.IDLE), now, now, command.spec),
+            )
+        except sqlite3.IntegrityError:
+            raise SessionAlreadyExists(f"session {command.session_id} already exists") from None
+        return self._row(command.session_id).record()
+
+    def _append(self, request: AppendRequest, now: int) -> AppendResult:
+        row = self._row(request.session_id)
+        if request.idempotency_key:
+            earlier = self._conn.execute(
+                "SELECT digest, first_seq, count FROM idempotency WHERE session_id = ? AND key = ?",
+                (request.session_id, request.idempotency_key),
+            ).fetchone()
+            if earlier is not None:
+                digest, first_seq, count = earlier
+                if bytes(digest) != request.request_digest:
+                    raise IdempotencyKeyReused(
+                        f"idempotency key {request.idempotency_key!r} was already used in session "
+                        f"{request.session_id} for a different request; use a new key for a new append"
+                    )
+                return AppendResult(
+                    events=tuple(self._events(row.session_id, first_seq, count)), replayed=True
+                )
+        if request.lease_epoch and request.lease_epoch != row.epoch:
+            raise LeaseFenced(
+                f"lease epoch {request.lease_epoch} is stale: session {row.session_id} is at epoch "
+                f"{row.epoch}"
+                f" (holder {row.holder or 'none'}); this writer no longer owns the session",
+                metadata={"epoch": str(row.epoch), "holder": row.holder},
+            )
+        if request.expected_seq is not None and request.expected_seq != row.last_seq + 1:
+            raise SequenceMismatch(
+                f"expected_seq {request.expected_seq} does not match: the next event of session "
+                f"{row.session_id} would be {row.last_seq + 1}",
+                metadata={"last_seq": str(row.last_seq)},
+            )
+        stored, rows, log_bytes = [], [], row.log_bytes
+        for offset, event in enumerate(request.events, start=1):
+            seq, event_id = row.last_seq + offset, new_id(EVENT_PREFIX)
+            body = wire.event_bytes(
+                event.body,
+                event_id=event_id,
+                session_id=row.session_id,
+                seq=seq,
+                type=event.type,
+                create_time_us=now,
+            )
+            log_bytes += len(body)
+            stored.append(StoredEvent(row.session_id, seq, event_id, event.type, now, body))
+            rows.append((row.session_id, seq, log_bytes, event_id, event.type, now, body))
+        self._conn.executemany(
+            "INSERT INTO events (session_id, seq, end_offset, event_id, type, create_time, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        if request.idempotency_key:
+            self._conn.execute(
+                "INSERT INTO idempotency (session_id, key, digest, first_seq, count) VALUES (?, ?, ?, ?, ?)",
+                (
+                    row.session_id,
+                    request.idempotency_key,
+                    request.request_digest,
+                    stored[0].seq,
+                    len(stored),
+                ),
+            )
+        row.last_seq += len(stored)
+        row.log_bytes = log_bytes
+        for event in request.events:
+            if event.status is not None:
+                row.status = event.status
+        row.dirty = True
+        return AppendResult(events=tuple(stored))
+
+    def _events(self, session_id: str, first_seq: int, count: int) -> list[StoredEvent]:
+        rows = self._conn.execute(
+            "SELECT seq, event_id, type, create_time, body FROM events "
+            "WHERE session_id = ? AND seq >= ? AND seq < ? ORDER BY seq",
+            (session_id, first_seq, first_seq + count),
+        ).fetchall()
+        return [StoredEvent(session_id, seq, eid, typ, ct, bytes(body)) for seq, eid, typ, ct, body in rows]
+
+    def _acquire(self, command: _Acquire, now: int) -> SessionRecord:
+        row = self._row(command.session_id)
+        if row.holder and row.expire_us > now:
+            if row.holder != command.holder:
+                raise LeaseHeld(
+                    f"session {row.session_id} is leased to {row.holder} (epoch {row.epoch}) for another "
+                    f"{(row.expire_us - now) / 1e6:.1f} s",
+                    metadata={
+                        "holder": row.holder,
+                        "epoch": str(row.epoch),
+                        "expire_time_us": str(row.expire_us),
+                    },
+                )
+        else:
+            # Expired or released: whoever takes it now fences every earlier writer.
+            row.epoch += 1
+            row.holder = command.holder
+        row.expire_us = now + command.ttl_us
+        row.dirty = True
+        return row.record()
+
+    def _check_holder(self, row: _Row, holder: str, epoch: int) -> None:
+        if row.holder != holder or row.epoch != epoch:
+            raise LeaseFenced(
+                f"lease of session {row.session_id} moved on: it is at epoch {row.epoch} held by "
+                f"{row.holder or 'nobody'}, not epoch {epoch} held by {holder}",
+                metadata={"epoch": str(row.epoch), "holder": row.holder},
+            )
+
+    def _renew(self, command: _Renew, now: int) -> SessionRecord:
+        row = self._row(command.session_id)
+        self._check_holder(row, command.holder, command.epoch)
+        row.expire_us = now + command.ttl_us
+        row.dirty = True
+        return row.record()
+
+    def _release(self, command: _Release) -> SessionRecord:
+        row = self._row(command.session_id)
+        self._check_holder(row, command.holder, command.epoch)
+        row.holder = ""
+        row.expire_us = 0
+        row.dirty = True
+        return row.record()
+
+    def _flush(self, now: int) -> None:
+        dirty = [row for row in self._cache.values() if row.dirty]
+        if not dirty:
+            return
+        self._conn.executemany(
+            "UPDATE sessions SET status = ?, last_seq = ?, log_bytes = ?, update_time = ?, lease_holder = ?, "
+            "lease_epoch = ?, lease_expire = ? WHERE session_id = ?",
+            [
+                (int(r.status), r.last_seq, r.log_bytes, now, r.holder, r.epoch, r.expire_us, r.session_id)
+                for r in dirty
+            ],
+        )
+        for row in dirty:
+            row.update_time_us = now
+            row.dirty = False
+
+
+def _lock(data_dir: Path) -> int:
+    """Creates and locks `data_dir` for this process; the lock dies with the process, kill -9 included."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(data_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise RuntimeError(
+            f"{data_dir} is in use by another session store process; "
+            "give each store its own --data-dir (or use PostgreSQL to share one log)"
+        ) from None
+    return lock_fd
+
+
+class SqliteEventStore:
+    """`EventStore` on one SQLite file; see the module docstring for how writes are grouped."""
+
+    def __init__(
+        self,
+        writer: _Writer,
+        executor: ThreadPoolExecutor,
+        readers: list[aiosqlite.Connection],
+        lock_fd: int,
+    ) -> None:
+        self._writer = writer
+        self._executor = executor
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._all_readers = readers
+        for reader in readers:
+            self._readers.put_nowait(reader)
+        self._lock_fd = lock_fd
+        self._queue: asyncio.Queue[_Queued | None] = asyncio.Queue()
+        self._tail = Tail()
+        self._closing = False
+        self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-group-commit")
+
+    @classmethod
+    async def open(
+        cls, data_dir: Path, *, synchronous: Synchronous = "normal", readers: int = 2
+    ) -> SqliteEventStore:
+        """Opens (creating if needed) the store in `data_dir`, which it locks for itself."""
+        lock_fd = _lock(data_dir)
+        path = data_dir / "sessions.sqlite3"
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        loop = asyncio.get_running_loop()
+        try:
+            writer = await loop.run_in_executor(executor, _Writer, path, synchronous)
+            connections = []
+            for _ in range(readers):
+                conn = await aiosqlite.connect(path, isolation_level=None)
+                await conn.execute("PRAGMA query_only = ON")
+                connections.append(conn)
+        except BaseException:
+            executor.shutdown(wait=False)
+            os.close(lock_fd)
+            raise
+        return cls(writer, executor, connections, lock_fd)
+
+    @property
+    def tail(self) -> Tail:
+        """The live fan-out (exposed so tests and metrics can count watchers)."""
+        return self._tail
+
+    # Writes ------------------------------------------------------------------------------------------------
+
+    async def _submit(self, command: _Command, size: int = 0) -> object:
+        if self._closing:
+            raise ShuttingDown("the session store is shutting down; retry against another replica or later")
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Queued(command, future, size))
+        # Shielded: a caller that gives up (deadline, disconnect) must not cancel a commit others share.
+        result = await asyncio.shield(future)
+        if isinstance(result, MeshError):
+            raise result
+        return result
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            if first is None:
+                return
+            group, size, stop = [first], first.size, False
+            while len(group) < _MAX_GROUP_COMMANDS and size < _MAX_GROUP_BYTES and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stop = True
+                    break
+                group.append(item)
+                size += item.size
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._writer.run, [q.command for q in group]
+                )
+            except Exception as exc:
+                log.exception("commit of %d commands failed", len(group))
+                error = Unavailable(f"the session store could not commit ({exc}); nothing was written, retry")
+                for queued in group:
+                    if not queued.future.done():
+                        queued.future.set_result(error)
+            else:
+                for queued, result in zip(group, results, strict=True):
+                    if isinstance(result, AppendResult) and not result.replayed:
+                        self._tail.publish(result.events[0].session_id, result.events)
+                    if not queued.future.done():
+                        queued.future.set_result(result)
+            if stop:
+                return
+
+    async def create_session(self, session_id: str, *, spec: bytes) -> SessionRecord:
+        result = await self._submit(_Create(session_id, spec), len(spec))
+        assert isinstance(result, SessionRecord)
+        return result
+
+    async def append(self, request: AppendRequest) -> AppendResult:
+        size = sum(len(e.body) for e in request.events)
+        result = await self._submit(_Append(request), size)
+        assert isinstance(result, AppendResult)
+        return result
+
+    async def acquire_lease(self, session_id: str, *, holder: str, ttl_us: int) -> SessionRecord:
+        result = await self._submit(_Acquire(session_id, holder, ttl_us))
+        assert isinstance(result, SessionRecord)
+        return result
+
+    async def renew_lease(self, session_id: str, *, holder: str, epoch: int, ttl_us: int) -> SessionRecord:
+        result = await self._submit(_Renew(session_id, holder, epoch, ttl_us))
+        assert isinstance(result, SessionRecord)
+        return result
+
+    async def release_lease(self, session_id: str, *, holder: str, epoch: int) -> SessionRecord:
+        result = await self._submit(_Release(session_id, holder, epoch))
+        assert isinstance(result, SessionRecord)
+        return result
+
+    # Reads -------------------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        conn = await self._readers.get()
+        try:
+            yield conn
+        finally:
+            self._readers.put_nowait(conn)
+
+    async def get_session(self, session_id: str) -> SessionRecord:
+        async with self._reader() as conn:
+            rows = await conn.execute_fetchall(
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+            )
+        rows = list(rows)
+        if not rows:
+            raise SessionNotFound(f"session {session_id} does not exist")
+        return _record(rows[0])
+
+    async def list_sessions(
+        self,
+        *,
+        limit: int,
+        status: SessionStatus | None = None,
+        orphaned_only: bool = False,
+        after: SessionCursor | None = None,
+    ) -> list[SessionRecord]:
+        where: list[str] = []
+        params: list[object] = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(int(status))
+        if orphaned_only:
+            where.append("status IN (?, ?) AND (lease_holder = '' OR lease_expire < ?)")
+            params += [int(SessionStatus.RUNNING), int(SessionStatus.RESCHEDULING), _now_us()]
+        if after is not None:
+            where.append("(create_time < ? OR (create_time = ? AND session_id < ?))")
+            params += [after.create_time_us, after.create_time_us, after.session_id]
+        sql = f"SELECT {_SESSION_COLUMNS} FROM sessions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY create_time DESC, session_id DESC LIMIT ?"
+        params.append(limit)
+        async with self._reader() as conn:
+            rows = await conn.execute_fetchall(sql, params)
+        return [_record(r) for r in rows]
+
+    async def read_events(
+        self, session_id: str, *, after_seq: int, until_seq: int, limit: int, max_bytes: int
+    ) -> list[StoredEvent]:
+        # A row fits the byte budget if the log up to it has grown by at most `max_bytes` since the cursor.
+        # The first row always fits, so a page with events left is never empty.
+        sql = (
+            "SELECT seq, event_id, type, create_time, body FROM events "
+            "WHERE session_id = ?1 AND seq > ?2 AND seq <= ?3 AND (seq = ?2 + 1 OR end_offset <= ?5 + "
+            "COALESCE((SELECT end_offset FROM events WHERE session_id = ?1 AND seq = ?2), 0)) "
+            "ORDER BY seq LIMIT ?4"
+        )
+        async with self._reader() as conn:
+            rows = await conn.execute_fetchall(sql, (session_id, after_seq, until_seq, limit, max_bytes))
+        return [StoredEvent(session_id, seq, eid, typ, ct, bytes(body)) for seq, eid, typ, ct, body in rows]
+
+    async def watch(self, session_id: str, *, after_seq: int) -> AsyncIterator[StoredEvent]:
+        async def read_page(cursor: int) -> list[StoredEvent]:
+            return await self.read_events(
+                session_id, after_seq=cursor, until_seq=2**62, limit=1000, max_bytes=4 * 1024 * 1024
+            )
+
+        async for event in self._tail.follow(session_id, after_seq, read_page):
+            yield event
+
+    # Lifecycle ---------------------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._tail.close()
+        self._queue.put_nowait(None)
+        await self._writer_task
+        for conn in self._all_readers:
+            await conn.close()
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._writer.close)
+        self._executor.shutdown(wait=True)
+        os.close(self._lock_fd)

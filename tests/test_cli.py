@@ -1,0 +1,78 @@
+"""The `managed-agents` command: session commands against a real store process, exit codes, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, ServiceProcess
+
+
+def cli(*args: str, store: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NO_COLOR": "1"}
+    if store:
+        env["MANAGED_AGENTS_STORE"] = store
+    return subprocess.run(
+        [sys.executable, "-m", "managed_agents.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_session_commands_create_send_show_and_list(store_process: ServiceProcess) -> None:
+    store = store_process.start().address
+    created = cli("sessions", "create", "--id", "cli-1", "--title", "from the cli", store=store)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.strip() == "cli-1"
+    sent = cli("sessions", "send", "cli-1", "hello there", store=store)
+    assert sent.returncode == 0 and "appended as seq 1" in sent.stdout
+    shown = cli("sessions", "show", "cli-1", store=store)
+    assert shown.returncode == 0
+    assert "user.message" in shown.stdout and "hello there" in shown.stdout
+    as_json = cli("sessions", "show", "cli-1", "--json", store=store)
+    lines = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert lines[0]["id"] == "cli-1" and lines[1]["type"] == "user.message"
+    listed = cli("sessions", "list", store=store)
+    assert "cli-1" in listed.stdout and "from the cli" in listed.stdout
+
+
+def test_exit_codes_say_what_went_wrong(store_process: ServiceProcess) -> None:
+    store = store_process.start().address
+    missing = cli("sessions", "show", "nope", store=store)
+    assert missing.returncode == 1
+    assert "session nope does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{probe.getsockname()[1]}"
+    unreachable = cli("sessions", "list", store=closed, timeout=120)
+    assert unreachable.returncode == 3, unreachable.stderr
+    assert "cannot reach the mesh" in unreachable.stderr
+    usage = cli("sessions", "frobnicate")
+    assert usage.returncode == 2
+
+
+def test_help_explains_every_command() -> None:
+    top = cli("--help")
+    assert top.returncode == 0
+    for command in ("store", "demo", "sessions"):
+        assert command in top.stdout
+    store_help = cli("store", "--help")
+    assert "--data-dir" in store_help.stdout and "SESSION_STORE_DATA_DIR" in store_help.stdout
+
+
+@pytest.mark.slow
+def test_demo_writes_watches_and_reads_back_a_session(tmp_path: Path) -> None:
+    result = cli("demo", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "replayed=True" in result.stdout
+    assert "the live tail saw the same 9" in result.stdout
+    assert "exit code 0" in result.stdout
