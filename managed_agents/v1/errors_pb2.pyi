@@ -41,7 +41,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_SANDBOX_NOT_FOUND: _ErrorReason.ValueType  # 8
     """The named sandbox was never provisioned here or has been destroyed (NOT_FOUND)."""
     ERROR_REASON_SANDBOX_LOST: _ErrorReason.ValueType  # 9
-    """The sandbox died (killed, out of memory, removed behind our back); provision a new one (FAILED_PRECONDITION)."""
+    """The sandbox died (killed, out of memory, removed behind our back); provision a new one (FAILED_PRECONDITION).
+    `Execute` reports this as a result with `sandbox_lost` instead, so that the model sees it.
+    """
     ERROR_REASON_SANDBOX_UNAVAILABLE: _ErrorReason.ValueType  # 10
     """The sandbox backend cannot provision now (RESOURCE_EXHAUSTED or UNAVAILABLE)."""
     ERROR_REASON_CREDENTIAL_NOT_FOUND: _ErrorReason.ValueType  # 11
@@ -82,7 +84,9 @@ ERROR_REASON_IDEMPOTENCY_KEY_REUSED: ErrorReason.ValueType  # 7
 ERROR_REASON_SANDBOX_NOT_FOUND: ErrorReason.ValueType  # 8
 """The named sandbox was never provisioned here or has been destroyed (NOT_FOUND)."""
 ERROR_REASON_SANDBOX_LOST: ErrorReason.ValueType  # 9
-"""The sandbox died (killed, out of memory, removed behind our back); provision a new one (FAILED_PRECONDITION)."""
+"""The sandbox died (killed, out of memory, removed behind our back); provision a new one (FAILED_PRECONDITION).
+`Execute` reports this as a result with `sandbox_lost` instead, so that the model sees it.
+"""
 ERROR_REASON_SANDBOX_UNAVAILABLE: ErrorReason.ValueType  # 10
 """The sandbox backend cannot provision now (RESOURCE_EXHAUSTED or UNAVAILABLE)."""
 ERROR_REASON_CREDENTIAL_NOT_FOUND: ErrorReason.ValueType  # 11

@@ -165,6 +165,7 @@ class ExecuteResponse(_message.Message):
     TRUNCATED_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    SANDBOX_LOST_FIELD_NUMBER: _builtins.int
     output: _builtins.str
     """What the model sees: output of the tool (stdout and stderr interleaved for `bash`), or an error sentence."""
     is_error: _builtins.bool
@@ -177,6 +178,10 @@ class ExecuteResponse(_message.Message):
     """True if `output` was cut to the tool's limit (a marker in `output` says how much was left out)."""
     replayed: _builtins.bool
     """True if this is the stored result of an earlier call with the same `execution_id`."""
+    sandbox_lost: _builtins.bool
+    """True if the sandbox is gone (it died before or during the call); `output` says why. The call did not
+    run, or was cut off; provision a new sandbox for the next call.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """Wall time of the call inside the sandbox."""
@@ -191,10 +196,11 @@ class ExecuteResponse(_message.Message):
         truncated: _builtins.bool = ...,
         duration: _duration_pb2.Duration | None = ...,
         replayed: _builtins.bool = ...,
+        sandbox_lost: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "duration", b"duration", "exit_code", b"exit_code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "duration", b"duration", "exit_code", b"exit_code", "is_error", b"is_error", "output", b"output", "replayed", b"replayed", "status", b"status", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "duration", b"duration", "exit_code", b"exit_code", "is_error", b"is_error", "output", b"output", "replayed", b"replayed", "sandbox_lost", b"sandbox_lost", "status", b"status", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class HandsServiceStub:
     """Disposable sandboxes in which the model's tool calls run. Sandboxes are cattle: one that dies is reported
-    as lost, and a fresh one is a `Provision` away. Tool failures are results (`is_error`), not RPC errors.
+    as lost, and a fresh one is a `Provision` away. Tool failures, a lost sandbox included, are results
+    (`is_error`, `sandbox_lost`) that the model can see, not RPC errors; RPC errors mean the request itself
+    was wrong (unknown sandbox id: NOT_FOUND; malformed fields: INVALID_ARGUMENT).
     """
 
     def __init__(self, channel):
@@ -70,7 +72,9 @@ class HandsServiceStub:
 
 class HandsServiceServicer:
     """Disposable sandboxes in which the model's tool calls run. Sandboxes are cattle: one that dies is reported
-    as lost, and a fresh one is a `Provision` away. Tool failures are results (`is_error`), not RPC errors.
+    as lost, and a fresh one is a `Provision` away. Tool failures, a lost sandbox included, are results
+    (`is_error`, `sandbox_lost`) that the model can see, not RPC errors; RPC errors mean the request itself
+    was wrong (unknown sandbox id: NOT_FOUND; malformed fields: INVALID_ARGUMENT).
     """
 
     def Provision(self, request, context):
@@ -159,7 +163,9 @@ def add_HandsServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class HandsService:
     """Disposable sandboxes in which the model's tool calls run. Sandboxes are cattle: one that dies is reported
-    as lost, and a fresh one is a `Provision` away. Tool failures are results (`is_error`), not RPC errors.
+    as lost, and a fresh one is a `Provision` away. Tool failures, a lost sandbox included, are results
+    (`is_error`, `sandbox_lost`) that the model can see, not RPC errors; RPC errors mean the request itself
+    was wrong (unknown sandbox id: NOT_FOUND; malformed fields: INVALID_ARGUMENT).
     """
 
     @staticmethod

@@ -28,7 +28,9 @@ GRPC_VERSION: str
 
 class HandsServiceStub:
     """Disposable sandboxes in which the model's tool calls run. Sandboxes are cattle: one that dies is reported
-    as lost, and a fresh one is a `Provision` away. Tool failures are results (`is_error`), not RPC errors.
+    as lost, and a fresh one is a `Provision` away. Tool failures, a lost sandbox included, are results
+    (`is_error`, `sandbox_lost`) that the model can see, not RPC errors; RPC errors mean the request itself
+    was wrong (unknown sandbox id: NOT_FOUND; malformed fields: INVALID_ARGUMENT).
     """
 
     @_typing.overload
@@ -53,7 +55,9 @@ class HandsServiceStub:
 @_typing.type_check_only
 class HandsServiceAsyncStub(HandsServiceStub):
     """Disposable sandboxes in which the model's tool calls run. Sandboxes are cattle: one that dies is reported
-    as lost, and a fresh one is a `Provision` away. Tool failures are results (`is_error`), not RPC errors.
+    as lost, and a fresh one is a `Provision` away. Tool failures, a lost sandbox included, are results
+    (`is_error`, `sandbox_lost`) that the model can see, not RPC errors; RPC errors mean the request itself
+    was wrong (unknown sandbox id: NOT_FOUND; malformed fields: INVALID_ARGUMENT).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -74,7 +78,9 @@ class HandsServiceAsyncStub(HandsServiceStub):
 
 class HandsServiceServicer(metaclass=_abc_1.ABCMeta):
     """Disposable sandboxes in which the model's tool calls run. Sandboxes are cattle: one that dies is reported
-    as lost, and a fresh one is a `Provision` away. Tool failures are results (`is_error`), not RPC errors.
+    as lost, and a fresh one is a `Provision` away. Tool failures, a lost sandbox included, are results
+    (`is_error`, `sandbox_lost`) that the model can see, not RPC errors; RPC errors mean the request itself
+    was wrong (unknown sandbox id: NOT_FOUND; malformed fields: INVALID_ARGUMENT).
     """
 
     @_abc_1.abstractmethod
