@@ -19,10 +19,11 @@ $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed; set PYTHON=..."'
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml examples/node/package-lock.json | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	scripts/install-grpcurl $(BIN)
+	cd examples/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 system-deps:
@@ -53,6 +54,8 @@ typecheck: $(STAMP)
 
 bench: install
 	$(BIN)/python bench/store_bench.py
+	$(BIN)/python bench/hands_bench.py
+	$(BIN)/python bench/brain_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

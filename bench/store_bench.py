@@ -57,9 +57,7 @@ async def sequential_latency(store: SessionStoreClient, count: int) -> list[floa
     return samples
 
 
-async def concurrent_throughput(
-    store: SessionStoreClient, writers: int, seconds: float
-) -> tuple[float, list[float]]:
+async def concurrent_throughput(store: SessionStoreClient, writers: int, seconds: float) -> tuple[float, list[float]]:
     sessions = [(await store.create_session()).id for _ in range(min(writers, 64))]
     done = 0
     samples: list[float] = []
@@ -117,9 +115,7 @@ async def get_session_time(store: SessionStoreClient, size: int) -> tuple[float,
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs, for a smoke check")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 4.0

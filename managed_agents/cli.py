@@ -1,6 +1,6 @@
-"""`managed-agents`: run the mesh's services and inspect sessions from a terminal.
+"""`managed-agents`: run the mesh, run agent sessions, and inspect them from a terminal.
 
-Exit codes: 0 success; 1 the mesh refused the request (not found, invalid, conflict); 2 bad command line;
+Exit codes: 0 success; 1 the mesh refused the request or the turn ended in an error; 2 bad command line;
 3 a service could not be reached; 130 interrupted.
 """
 
@@ -11,25 +11,36 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from brain.client import BrainClient
 from managed_agents import events
+from managed_agents.follow import TurnFollower
+from managed_agents.local_mesh import LocalMesh, MeshAddresses, mesh_home
 from managed_agents.mesh.errors import MeshError, Unavailable
 from managed_agents.render import Renderer
-from managed_agents.v1 import events_pb2
+from managed_agents.v1 import brain_pb2, events_pb2
 from session_store.client import SessionStoreClient
 
-EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
-DEFAULT_STORE = "127.0.0.1:7301"
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEFAULTS = {"store": "127.0.0.1:7301", "hands": "127.0.0.1:7302", "brain": "127.0.0.1:7303"}
+DEMO_PROMPT = "Write a small Python module with a test suite in the sandbox, run the tests there, and report."
 
 _STATUSES = {"idle": 1, "running": 2, "rescheduling": 3, "terminated": 4}
 
 
-def _store_target(args: argparse.Namespace) -> str:
-    return str(args.store or os.environ.get("MANAGED_AGENTS_STORE") or DEFAULT_STORE)
+def _address(args: argparse.Namespace, service: str) -> str:
+    """A service's address: flag, else MANAGED_AGENTS_<SERVICE>, else the mesh `up` started, else default."""
+    given = getattr(args, service, None) or os.environ.get(f"MANAGED_AGENTS_{service.upper()}")
+    if given:
+        return str(given)
+    running = MeshAddresses.load(mesh_home(os.environ))
+    if running is not None and getattr(running, service):
+        return str(getattr(running, service))
+    return DEFAULTS[service]
 
 
 def _json_line(message: Message) -> str:
@@ -37,101 +48,266 @@ def _json_line(message: Message) -> str:
     return json.dumps(fields, ensure_ascii=False)
 
 
+def _status_name(value: int) -> str:
+    return events_pb2.SessionStatus.Name(value).removeprefix("SESSION_STATUS_").lower()  # type: ignore[arg-type]
+
+
+# Sessions --------------------------------------------------------------------------------------------------
+
+
 async def _sessions_list(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_store_target(args)) as store:
+    async with SessionStoreClient.connect(_address(args, "store")) as store:
         page = await store.list_sessions(status=_STATUSES.get(args.status, 0), page_size=args.limit)  # type: ignore[arg-type]
     if args.json:
         for session in page.sessions:
             print(_json_line(session))
-        return 0
+        return EXIT_OK
     if not page.sessions:
         print("no sessions")
-        return 0
+        return EXIT_OK
     print(f"{'SESSION':<32} {'STATUS':<13} {'EVENTS':>6}  {'CREATED':<20} TITLE")
     for session in page.sessions:
-        status = events_pb2.SessionStatus.Name(session.status).removeprefix("SESSION_STATUS_").lower()
         created = session.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{session.id:<32} {status:<13} {session.last_seq:>6}  {created:<20} {session.title}")
-    return 0
+        print(
+            f"{session.id:<32} {_status_name(session.status):<13} {session.last_seq:>6}  {created:<20} {session.title}"
+        )
+    return EXIT_OK
 
 
 async def _sessions_show(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_store_target(args)) as store:
+    async with SessionStoreClient.connect(_address(args, "store")) as store:
         session, log = await store.read_session(args.session_id)
     if args.json:
         print(_json_line(session))
         for event in log:
             print(_json_line(event))
-        return 0
+        return EXIT_OK
     renderer = Renderer.for_terminal(sys.stdout.isatty())
-    status = events_pb2.SessionStatus.Name(session.status).removeprefix("SESSION_STATUS_").lower()
-    print(renderer.paint(f"session {session.id}", "bold"), f"({status}, {session.last_seq} events)")
+    print(
+        renderer.paint(f"session {session.id}", "bold"),
+        f"({_status_name(session.status)}, {session.last_seq} events)",
+    )
     if session.title:
         print(f"title: {session.title}")
     for event in log:
         print(renderer.line(event))
-        if args.traces and event.trace_id:
-            print(renderer.paint(f"       trace {event.trace_id} span {event.span_id}", "dim"))
-    return 0
+        if args.traces:
+            trace = f"trace {event.trace_id} span {event.span_id}" if event.trace_id else "(not traced)"
+            print(renderer.paint(f"       {trace}", "dim"))
+    return EXIT_OK
 
 
 async def _sessions_tail(args: argparse.Namespace) -> int:
     renderer = Renderer.for_terminal(sys.stdout.isatty())
-    async with SessionStoreClient.connect(_store_target(args)) as store:
+    async with SessionStoreClient.connect(_address(args, "store")) as store:
         async for event in store.watch(args.session_id, after_seq=args.after):
             print(_json_line(event) if args.json else renderer.line(event), flush=True)
-    return 0
+    return EXIT_OK
 
 
 async def _sessions_create(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_store_target(args)) as store:
+    async with SessionStoreClient.connect(_address(args, "store")) as store:
         session = await store.create_session(session_id=args.id or "", title=args.title or "")
     print(_json_line(session) if args.json else session.id)
-    return 0
+    return EXIT_OK
 
 
 async def _sessions_send(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_store_target(args)) as store:
+    async with SessionStoreClient.connect(_address(args, "store")) as store:
         response = await store.emit(args.session_id, events.user_message(args.text, producer="cli"))
-    print(_json_line(response.event) if args.json else f"appended as seq {response.event.seq}")
-    return 0
+        if args.no_wake:
+            print(_json_line(response.event) if args.json else f"appended as seq {response.event.seq}")
+            return EXIT_OK
+        async with BrainClient.connect(_address(args, "brain")) as brain:
+            woken = await brain.wake(args.session_id)
+        if args.json:
+            print(_json_line(response.event))
+        else:
+            outcome = brain_pb2.WakeOutcome.Name(woken.outcome).removeprefix("WAKE_OUTCOME_").lower()
+            print(f"appended as seq {response.event.seq}; brain: {outcome}")
+        if args.follow:
+            follower = TurnFollower(store, Renderer.for_terminal(sys.stdout.isatty()), json_lines=args.json)
+            result = await follower.follow(args.session_id, after_seq=response.event.seq - 1)
+            return EXIT_OK if result.ok else EXIT_REFUSED
+    return EXIT_OK
 
 
-def _store_main(argv: Sequence[str]) -> int:
-    from session_store.__main__ import main as store_main
+# Running turns ---------------------------------------------------------------------------------------------
 
-    store_main(argv)
-    return 0
+
+async def _run_prompt(
+    store_address: str,
+    brain_address: str,
+    prompt: str,
+    *,
+    title: str,
+    json_lines: bool,
+    say: Callable[[str], None],
+) -> int:
+    renderer = Renderer.for_terminal(sys.stdout.isatty())
+    async with (
+        SessionStoreClient.connect(store_address) as store,
+        BrainClient.connect(brain_address) as brain,
+    ):
+        session = await store.create_session(title=title or prompt[:80])
+        say(f"session {session.id}")
+        await store.emit(session.id, events.user_message(prompt, producer="cli"))
+        follower = TurnFollower(store, renderer, json_lines=json_lines)
+        following = asyncio.create_task(follower.follow(session.id, after_seq=0))
+        try:
+            await brain.wake(session.id)
+            outcome = await following
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            following.cancel()
+            say("interrupting the turn...")
+            await brain.interrupt(session.id, reason="interrupted from the command line")
+            return EXIT_INTERRUPTED
+    reason = events_pb2.StopReason.Name(outcome.stop_reason).removeprefix("STOP_REASON_").lower()  # type: ignore[arg-type]
+    say(
+        f"turn ended: {reason}; {outcome.model_calls} model calls, {outcome.tool_calls} tool calls, "
+        f"{outcome.input_tokens} input and {outcome.output_tokens} output tokens"
+    )
+    return EXIT_OK if outcome.ok else EXIT_REFUSED
+
+
+async def _run(args: argparse.Namespace) -> int:
+    def say(text: str) -> None:
+        print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    return await _run_prompt(
+        _address(args, "store"),
+        _address(args, "brain"),
+        args.prompt,
+        title=args.title or "",
+        json_lines=args.json,
+        say=say,
+    )
+
+
+async def _interrupt(args: argparse.Namespace) -> int:
+    async with BrainClient.connect(_address(args, "brain")) as brain:
+        response = await brain.interrupt(args.session_id, reason=args.reason or "")
+    print(f"interrupt recorded as seq {response.seq}" + ("" if response.was_running else " (the session was idle)"))
+    return EXIT_OK
+
+
+def _up(args: argparse.Namespace) -> int:
+    home = mesh_home(os.environ)
+    mesh = LocalMesh(home, os.environ, say=print)
+    if mesh.uses_standin:
+        print(
+            "ANTHROPIC_API_KEY is not set: the brain talks to a local stand-in that plays a scripted demo. "
+            "Set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL if needed) to use Claude."
+        )
+    mesh.start(standin_script=args.script, hands_backend=args.backend)
+    print(f'the mesh is up; data and logs in {home}/. Try: managed-agents run "{DEMO_PROMPT}"')
+    print("Ctrl-C stops it.")
+    try:
+        asyncio.run(_wait_forever(mesh))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping the mesh...")
+        mesh.stop()
+    return EXIT_OK
+
+
+async def _wait_forever(mesh: LocalMesh) -> None:
+    while True:
+        await asyncio.sleep(1)
+        if dead := mesh.dead():
+            raise SystemExit(f"error: {', '.join(dead)} exited; see the logs in {mesh.home}/logs")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from managed_agents.demo import run_demo
+    home = mesh_home(os.environ)
+    mesh = LocalMesh(home, os.environ, say=print)
+    if mesh.uses_standin:
+        print(
+            "ANTHROPIC_API_KEY is not set, so Claude is played by a local stand-in (managed_agents.standin) "
+            "that "
+            "speaks the Messages API and follows a fixed demo script; the store, brain and hands are real.\n"
+            "Set ANTHROPIC_API_KEY to run the same demonstration with Claude.\n"
+        )
+    print("starting the mesh: each service is its own process on a free loopback port")
+    mesh.start(standin_script="demo", hands_backend=args.backend)
+    print()
+    try:
+        assert mesh.addresses is not None
+        return asyncio.run(
+            _run_prompt(
+                mesh.addresses.store,
+                mesh.addresses.brain,
+                args.prompt or DEMO_PROMPT,
+                title="demo",
+                json_lines=False,
+                say=print,
+            )
+        )
+    finally:
+        print("\nstopping the mesh")
+        mesh.stop()
 
-    return asyncio.run(run_demo(keep=args.keep))
+
+# Services --------------------------------------------------------------------------------------------------
+
+
+def _service_main(module: str, argv: Sequence[str]) -> int:
+    if module == "store":
+        from session_store.__main__ import main as store_main
+
+        store_main(argv)
+    elif module == "brain":
+        from brain.__main__ import main as brain_main
+
+        brain_main(argv)
+    else:
+        from hands.__main__ import main as hands_main
+
+        hands_main(argv)
+    return EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="managed-agents",
-        description="Managed Claude agents as a gRPC service mesh: run its services and inspect sessions.",
-        epilog="Exit codes: 0 ok, 1 refused by the mesh, 2 bad usage, 3 unreachable, 130 interrupted.",
+        description="Managed Claude agents as a gRPC service mesh: a session store (the durable log), brains "
+        "(the stateless harness calling Claude) and hands (sandboxes). Run the mesh, run sessions, inspect "
+        "them.",
+        epilog="Addresses come from flags, then MANAGED_AGENTS_STORE / _BRAIN / _HANDS, then the mesh that "
+        "`managed-agents up` started here (.managed-agents/mesh.json). Exit codes: 0 ok, 1 refused or the "
+        "turn "
+        "failed, 2 bad usage, 3 unreachable, 130 interrupted.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, text in (
+        ("store", "run a session store server"),
+        ("brain", "run a brain server"),
+        ("hands", "run a hands (sandbox) server"),
+    ):
+        commands.add_parser(name, help=f"{text} (its own flags: `managed-agents {name} --help`)", add_help=False)
 
-    commands.add_parser(
-        "store",
-        help="run a session store server (flags as for python -m session_store; see `store --help`)",
-        add_help=False,
-    )
-    demo = commands.add_parser(
-        "demo", help="start a session store, write a short session through gRPC, watch it and read it back"
-    )
-    demo.add_argument("--keep", action="store_true", help="keep the store's data directory afterwards")
+    up = commands.add_parser("up", help="start store, hands and brain as local processes until Ctrl-C")
+    up.add_argument("--backend", default="bwrap", choices=["bwrap", "docker", "local"], help="sandbox backend")
+    up.add_argument("--script", default="demo", help="stand-in script when ANTHROPIC_API_KEY is unset")
+    demo = commands.add_parser("demo", help="start the mesh, run one agent session end to end, stop the mesh")
+    demo.add_argument("--backend", default="bwrap", choices=["bwrap", "docker", "local"], help="sandbox backend")
+    demo.add_argument("--prompt", help="the task (default: write and test a small program)")
+
+    run = commands.add_parser("run", help="start a session with PROMPT and stream it until the turn ends")
+    run.add_argument("prompt")
+    run.add_argument("--title", help="session title (default: the prompt)")
+    run.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
+    run.add_argument("--store", help="session store address")
+    run.add_argument("--brain", help="brain address")
+    interrupt = commands.add_parser("interrupt", help="stop a session's running turn at the next safe point")
+    interrupt.add_argument("session_id")
+    interrupt.add_argument("--reason", help="why, recorded in the log")
+    interrupt.add_argument("--brain", help="brain address")
 
     sessions = commands.add_parser("sessions", help="list, show, follow, create and write to sessions")
-    sessions.add_argument(
-        "--store", help=f"session store address [env: MANAGED_AGENTS_STORE; default {DEFAULT_STORE}]"
-    )
+    sessions.add_argument("--store", help="session store address")
+    sessions.add_argument("--brain", help="brain address (for send)")
     actions = sessions.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="sessions, newest first")
     listing.add_argument("--status", choices=sorted(_STATUSES), help="only sessions in this status")
@@ -139,9 +315,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     show = actions.add_parser("show", help="a session and its whole log")
     show.add_argument("session_id")
-    show.add_argument(
-        "--json", action="store_true", help="one JSON object per line: the session, then events"
-    )
+    show.add_argument("--json", action="store_true", help="one JSON object per line: the session, then events")
     show.add_argument("--traces", action="store_true", help="also print the trace and span id of each event")
     tail = actions.add_parser("tail", help="follow a session's events as they are appended (Ctrl-C to stop)")
     tail.add_argument("session_id")
@@ -151,13 +325,16 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--id", help="choose the id (1-64 of [A-Za-z0-9_-])")
     create.add_argument("--title", help="a title for humans")
     create.add_argument("--json", action="store_true", help="print the whole session as JSON")
-    send = actions.add_parser("send", help="append a user message")
+    send = actions.add_parser("send", help="append a user message and wake a brain to answer it")
     send.add_argument("session_id")
     send.add_argument("text")
+    send.add_argument("--no-wake", action="store_true", help="only append; do not wake a brain")
+    send.add_argument("--follow", action="store_true", help="stream the turn until it ends")
     send.add_argument("--json", action="store_true", help="print the stored event as JSON")
     return parser
 
 
+_ASYNC = {"run": _run, "interrupt": _interrupt}
 _SESSION_ACTIONS = {
     "list": _sessions_list,
     "show": _sessions_show,
@@ -170,17 +347,30 @@ _SESSION_ACTIONS = {
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `managed-agents` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["store"]:
-        raise SystemExit(_store_main(argv[1:]))
+    if argv[:1] in (["store"], ["brain"], ["hands"]):
+        raise SystemExit(_service_main(argv[0], argv[1:]))
     args = _parser().parse_args(argv)
     try:
-        code = _demo(args) if args.command == "demo" else asyncio.run(_SESSION_ACTIONS[args.action](args))
+        if args.command == "up":
+            code = _up(args)
+        elif args.command == "demo":
+            code = _demo(args)
+        elif args.command == "sessions":
+            code = asyncio.run(_SESSION_ACTIONS[args.action](args))
+        else:
+            code = asyncio.run(_ASYNC[args.command](args))
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
     except Unavailable as error:
-        print(f"error: cannot reach the mesh: {error}", file=sys.stderr)
+        print(
+            f"error: cannot reach the mesh: {error} (is it running? `managed-agents up` starts one)",
+            file=sys.stderr,
+        )
         code = EXIT_UNREACHABLE
     except MeshError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_REFUSED
+    except (RuntimeError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_REFUSED
     raise SystemExit(code)

@@ -17,9 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class ServiceProcess:
     """One service process (`python -m MODULE`), logging to a file in `workdir`."""
 
-    def __init__(
-        self, module: str, args: Sequence[str], workdir: Path, env: Mapping[str, str] | None = None
-    ) -> None:
+    def __init__(self, module: str, args: Sequence[str], workdir: Path, env: Mapping[str, str] | None = None) -> None:
         self.module = module
         self.args = list(args)
         self.workdir = workdir

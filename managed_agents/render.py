@@ -59,7 +59,9 @@ class Renderer:
         if kind == "user_message":
             return self._clip(plain_text(event.user_message.content)), ("bold",)
         if kind == "agent_message":
-            return self._clip(plain_text(event.agent_message.content)), ("green",)
+            # The agent's words are the point of a session: shown whole, continuation lines indented.
+            text = plain_text(event.agent_message.content).strip()
+            return text.replace("\n", "\n" + " " * 34), ("green",)
         if kind == "agent_thinking":
             return self._clip(event.agent_thinking.thinking or "(redacted)"), ("dim",)
         if kind == "agent_tool_use":
@@ -69,7 +71,7 @@ class Renderer:
         if kind == "agent_tool_result":
             result = event.agent_tool_result
             status = "error" if result.is_error else "ok"
-            extra = f" exit={result.execution.exit_code}" if result.execution.sandbox_id else ""
+            extra = f" exit={result.execution.exit_code}" if result.execution.exit_code else ""
             text = plain_text(result.content)
             return self._clip(f"{status}{extra}: {text}"), ("red",) if result.is_error else ("dim",)
         if kind == "agent_mcp_tool_use":

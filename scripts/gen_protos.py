@@ -56,9 +56,7 @@ def generate(out_dir: Path) -> None:
 
 
 def _differences(fresh: Path, committed: Path) -> list[str]:
-    names = {p.name for p in fresh.iterdir()} | (
-        {p.name for p in committed.iterdir()} if committed.exists() else set()
-    )
+    names = {p.name for p in fresh.iterdir()} | ({p.name for p in committed.iterdir()} if committed.exists() else set())
     changed = []
     for name in sorted(names):
         a, b = fresh / name, committed / name

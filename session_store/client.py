@@ -194,9 +194,7 @@ class SessionStoreClient:
 
     async def watch(self, session_id: str, *, after_seq: int = 0) -> AsyncIterator[events_pb2.Event]:
         """Events after `after_seq`, then live ones, until the caller stops iterating."""
-        call = self._stub.WatchSession(
-            session_pb2.WatchSessionRequest(session_id=session_id, after_seq=after_seq)
-        )
+        call = self._stub.WatchSession(session_pb2.WatchSessionRequest(session_id=session_id, after_seq=after_seq))
         try:
             with translated_errors():
                 async for response in call:
@@ -204,9 +202,7 @@ class SessionStoreClient:
         finally:
             call.cancel()
 
-    async def acquire_lease(
-        self, session_id: str, *, holder: str, ttl: float = 0
-    ) -> session_pb2.AcquireLeaseResponse:
+    async def acquire_lease(self, session_id: str, *, holder: str, ttl: float = 0) -> session_pb2.AcquireLeaseResponse:
         """Takes the session's lease (or extends it for the same holder)."""
         with translated_errors():
             response: session_pb2.AcquireLeaseResponse = await self._stub.AcquireLease(
@@ -214,15 +210,11 @@ class SessionStoreClient:
             )
         return response
 
-    async def renew_lease(
-        self, session_id: str, *, holder: str, epoch: int, ttl: float = 0
-    ) -> session_pb2.Lease:
+    async def renew_lease(self, session_id: str, *, holder: str, epoch: int, ttl: float = 0) -> session_pb2.Lease:
         """Extends a held lease; raises `LeaseFenced` if it moved on."""
         with translated_errors():
             response: session_pb2.RenewLeaseResponse = await self._stub.RenewLease(
-                session_pb2.RenewLeaseRequest(
-                    session_id=session_id, holder=holder, epoch=epoch, ttl=_duration(ttl)
-                )
+                session_pb2.RenewLeaseRequest(session_id=session_id, holder=holder, epoch=epoch, ttl=_duration(ttl))
             )
         return response.lease
 

@@ -25,9 +25,7 @@ class StoreConfig:
     log_level: str = "info"
 
     @classmethod
-    def parser(
-        cls, environ: Mapping[str, str], prog: str = "python -m session_store"
-    ) -> argparse.ArgumentParser:
+    def parser(cls, environ: Mapping[str, str], prog: str = "python -m session_store") -> argparse.ArgumentParser:
         """The argument parser, with defaults taken from `environ`."""
         defaults = cls()
         parser = argparse.ArgumentParser(

@@ -123,9 +123,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         digest = hashlib.sha256()
         prepared = []
         for index, given in enumerate(events):
-            field = validate.event(
-                given, path if len(events) == 1 and path == "event" else f"{path}[{index}]"
-            )
+            field = validate.event(given, path if len(events) == 1 and path == "event" else f"{path}[{index}]")
             event = events_pb2.Event()
             event.CopyFrom(given)
             for name in _OUTPUT_ONLY:
@@ -176,9 +174,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.BatchEmitEventsResponse:
         count = len(request.events)
         if not 1 <= count <= validate.MAX_BATCH_EVENTS:
-            raise InvalidArgument.field(
-                "events", f"must hold 1 to {validate.MAX_BATCH_EVENTS} events (got {count})"
-            )
+            raise InvalidArgument.field("events", f"must hold 1 to {validate.MAX_BATCH_EVENTS} events (got {count})")
         size = sum(e.ByteSize() for e in request.events)
         if size > validate.MAX_BATCH_BYTES:
             raise InvalidArgument.field("events", f"total {size} bytes; the batch limit is 16 MiB")
@@ -227,9 +223,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         events = await self._store.read_events(
             session_id, after_seq=after, until_seq=record.last_seq, limit=size, max_bytes=PAGE_BYTES
         )
-        response = session_pb2.GetSessionResponse.FromString(
-            wire.repeated(wire.FIELD_2, (e.body for e in events))
-        )
+        response = session_pb2.GetSessionResponse.FromString(wire.repeated(wire.FIELD_2, (e.body for e in events)))
         response.session.CopyFrom(session)
         if events and events[-1].seq < record.last_seq:
             response.next_page_token = paging.encode(
@@ -253,9 +247,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         response = session_pb2.ListSessionsResponse(sessions=[session_message(r) for r in records[:size]])
         if len(records) > size:
             last = records[size - 1]
-            response.next_page_token = paging.encode(
-                {"t": last.create_time_us, "id": last.session_id}, fingerprint
-            )
+            response.next_page_token = paging.encode({"t": last.create_time_us, "id": last.session_id}, fingerprint)
         return response
 
     async def GetEvents(
@@ -267,9 +259,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         if request.last and (request.start_seq or request.end_seq):
             raise InvalidArgument.field("last", "cannot be combined with start_seq or end_seq")
         if request.end_seq and request.start_seq > request.end_seq:
-            raise InvalidArgument.field(
-                "end_seq", f"is before start_seq ({request.end_seq} < {request.start_seq})"
-            )
+            raise InvalidArgument.field("end_seq", f"is before start_seq ({request.end_seq} < {request.start_seq})")
         size = _page_size(request.page_size, DEFAULT_PAGE_EVENTS, MAX_PAGE_EVENTS)
         record = await self._store.get_session(session_id)
         fingerprint = {
@@ -289,9 +279,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         events = await self._store.read_events(
             session_id, after_seq=after, until_seq=until, limit=size, max_bytes=PAGE_BYTES
         )
-        response = session_pb2.GetEventsResponse.FromString(
-            wire.repeated(wire.FIELD_1, (e.body for e in events))
-        )
+        response = session_pb2.GetEventsResponse.FromString(wire.repeated(wire.FIELD_1, (e.body for e in events)))
         response.last_seq = record.last_seq
         if events and events[-1].seq < until:
             response.next_page_token = paging.encode({"after": events[-1].seq, "until": until}, fingerprint)

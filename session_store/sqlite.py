@@ -99,8 +99,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
 """
 
 _SESSION_COLUMNS = (
-    "session_id, status, last_seq, create_time, update_time, lease_holder, lease_epoch, lease_expire, spec, "
-    "log_bytes"
+    "session_id, status, last_seq, create_time, update_time, lease_holder, lease_epoch, lease_expire, spec, log_bytes"
 )
 
 # Bounds on one group commit: enough to amortize a commit, small enough to keep latency flat.
@@ -233,9 +232,7 @@ class _Writer:
         )
         (version,) = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if int(version) != SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{path} has schema version {version}; this store understands {SCHEMA_VERSION}"
-            )
+            raise RuntimeError(f"{path} has schema version {version}; this store understands {SCHEMA_VERSION}")
         self._cache: OrderedDict[str, _Row] = OrderedDict()
 
     def close(self) -> None:
@@ -313,9 +310,7 @@ class _Writer:
                         f"idempotency key {request.idempotency_key!r} was already used in session "
                         f"{request.session_id} for a different request; use a new key for a new append"
                     )
-                return AppendResult(
-                    events=tuple(self._events(row.session_id, first_seq, count)), replayed=True
-                )
+                return AppendResult(events=tuple(self._events(row.session_id, first_seq, count)), replayed=True)
         if request.lease_epoch and request.lease_epoch != row.epoch:
             raise LeaseFenced(
                 f"lease epoch {request.lease_epoch} is stale: session {row.session_id} is at epoch "
@@ -474,9 +469,7 @@ class SqliteEventStore:
         self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-group-commit")
 
     @classmethod
-    async def open(
-        cls, data_dir: Path, *, synchronous: Synchronous = "normal", readers: int = 2
-    ) -> SqliteEventStore:
+    async def open(cls, data_dir: Path, *, synchronous: Synchronous = "normal", readers: int = 2) -> SqliteEventStore:
         """Opens (creating if needed) the store in `data_dir`, which it locks for itself."""
         lock_fd = _lock(data_dir)
         path = data_dir / "sessions.sqlite3"
@@ -528,9 +521,7 @@ class SqliteEventStore:
                 group.append(item)
                 size += item.size
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._writer.run, [q.command for q in group]
-                )
+                results = await loop.run_in_executor(self._executor, self._writer.run, [q.command for q in group])
             except Exception as exc:
                 log.exception("commit of %d commands failed", len(group))
                 error = Unavailable(f"the session store could not commit ({exc}); nothing was written, retry")

@@ -63,9 +63,7 @@ class Tail:
                 sub.closed = True
                 sub.signal.set()
 
-    async def follow(
-        self, session_id: str, after_seq: int, read_page: ReadPage
-    ) -> AsyncIterator[StoredEvent]:
+    async def follow(self, session_id: str, after_seq: int, read_page: ReadPage) -> AsyncIterator[StoredEvent]:
         """Events after `after_seq`, from the database and then live."""
         if self._closed:
             raise ShuttingDown("the session store is shutting down; watch again elsewhere or later")

@@ -113,9 +113,7 @@ def event(value: events_pb2.Event, path: str = "event") -> str:
         )
     size = value.ByteSize()
     if size > MAX_EVENT_BYTES:
-        raise InvalidArgument.field(
-            path, f"is {size} bytes serialized; the limit is {MAX_EVENT_BYTES} (4 MiB)"
-        )
+        raise InvalidArgument.field(path, f"is {size} bytes serialized; the limit is {MAX_EVENT_BYTES} (4 MiB)")
     if len(value.producer) > MAX_PRODUCER_CHARS:
         raise InvalidArgument.field(f"{path}.producer", f"is longer than {MAX_PRODUCER_CHARS} characters")
     payload = getattr(value, field)
@@ -153,9 +151,7 @@ def session_spec(value: session_pb2.Session) -> session_pb2.Session:
     )
     for name, size, limit in limits:
         if size < 0 or size > limit:
-            raise InvalidArgument.field(
-                f"session.agent.{name}", f"must be between 0 and {limit} (got {size})"
-            )
+            raise InvalidArgument.field(f"session.agent.{name}", f"must be between 0 and {limit} (got {size})")
     enums_known(value, "session")
     spec = session_pb2.Session(title=value.title, metadata=value.metadata)
     if value.HasField("agent"):

@@ -32,9 +32,7 @@ def length_delimited(tag: int, data: bytes) -> bytes:
     return bytes((tag,)) + _varint(len(data)) + data
 
 
-def event_bytes(
-    body: bytes, *, event_id: str, session_id: str, seq: int, type: str, create_time_us: int
-) -> bytes:
+def event_bytes(body: bytes, *, event_id: str, session_id: str, seq: int, type: str, create_time_us: int) -> bytes:
     """`body` (a serialized `Event` without output-only fields) completed with the store-assigned fields."""
     seconds, micros = divmod(create_time_us, 1_000_000)
     timestamp = bytes((_SECONDS,)) + _varint(seconds)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from brain import app as brain_app
+from brain.config import BrainConfig
+from hands import app as hands_app
+from hands.app import HandsServer
+from hands.client import HandsClient
+from hands.config import HandsConfig
+from managed_agents.standin.script import Script
+from managed_agents.standin.server import StandinServer
 from session_store import app
 from session_store.client import SessionStoreClient
 from session_store.config import StoreConfig
@@ -34,3 +43,64 @@ def store_process(tmp_path: Path) -> Iterator[ServiceProcess]:
     process = ServiceProcess("session_store", ["--data-dir", str(tmp_path / "store-data")], tmp_path)
     yield process
     process.stop()
+
+
+StartStandin = Callable[[Script], Awaitable[StandinServer]]
+StartBrain = Callable[..., Awaitable[brain_app.BrainServer]]
+
+
+@pytest.fixture
+async def start_standin() -> AsyncIterator[StartStandin]:
+    """Starts stand-in Messages API servers playing the given scripts."""
+    started: list[StandinServer] = []
+
+    async def start(script: Script) -> StandinServer:
+        server = await StandinServer.start(script)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.aclose()
+
+
+@pytest.fixture
+async def start_brain(store_server: app.StoreServer) -> AsyncIterator[StartBrain]:
+    """Starts brain servers on the test's store; keyword arguments override `BrainConfig` fields."""
+    started: list[brain_app.BrainServer] = []
+
+    async def start(
+        standin: StandinServer, *, hands: str = "", holder: str | None = None, **overrides: object
+    ) -> brain_app.BrainServer:
+        config = BrainConfig(
+            listen="127.0.0.1:0",
+            store=store_server.address,
+            hands=hands,
+            api_key="test-key",
+            base_url=standin.base_url,
+            lease_ttl=2.0,
+            scan_interval=0.5,
+            retry_base_delay=0.05,
+        )
+        server = await brain_app.start(replace(config, **overrides), None, holder=holder)  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.aclose(grace=1)
+
+
+@pytest.fixture
+async def hands_server(tmp_path: Path) -> AsyncIterator[HandsServer]:
+    """A hands server with the bwrap backend, served in this process on a loopback port."""
+    server = await hands_app.start(HandsConfig(listen="127.0.0.1:0", work_root=tmp_path / "sandboxes"), None)
+    yield server
+    await server.aclose(grace=1.0)
+
+
+@pytest.fixture
+async def hands(hands_server: HandsServer) -> AsyncIterator[HandsClient]:
+    """A client of `hands_server`."""
+    async with HandsClient.connect(hands_server.address) as client:
+        yield client

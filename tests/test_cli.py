@@ -33,7 +33,7 @@ def test_session_commands_create_send_show_and_list(store_process: ServiceProces
     created = cli("sessions", "create", "--id", "cli-1", "--title", "from the cli", store=store)
     assert created.returncode == 0, created.stderr
     assert created.stdout.strip() == "cli-1"
-    sent = cli("sessions", "send", "cli-1", "hello there", store=store)
+    sent = cli("sessions", "send", "cli-1", "hello there", "--no-wake", store=store)
     assert sent.returncode == 0 and "appended as seq 1" in sent.stdout
     shown = cli("sessions", "show", "cli-1", store=store)
     assert shown.returncode == 0
@@ -63,16 +63,30 @@ def test_exit_codes_say_what_went_wrong(store_process: ServiceProcess) -> None:
 def test_help_explains_every_command() -> None:
     top = cli("--help")
     assert top.returncode == 0
-    for command in ("store", "demo", "sessions"):
+    for command in ("store", "brain", "hands", "up", "run", "demo", "sessions", "interrupt"):
         assert command in top.stdout
     store_help = cli("store", "--help")
     assert "--data-dir" in store_help.stdout and "SESSION_STORE_DATA_DIR" in store_help.stdout
 
 
 @pytest.mark.slow
-def test_demo_writes_watches_and_reads_back_a_session(tmp_path: Path) -> None:
-    result = cli("demo", timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "replayed=True" in result.stdout
-    assert "the live tail saw the same 9" in result.stdout
-    assert "exit code 0" in result.stdout
+def test_demo_runs_a_whole_session_across_separate_processes(tmp_path: Path) -> None:
+    env_home = {"MANAGED_AGENTS_HOME": str(tmp_path / "home")}
+    result = subprocess.run(
+        [sys.executable, "-m", "managed_agents.cli", "demo"],
+        cwd=ROOT,
+        env={k: v for k, v in {**os.environ, **env_home, "NO_COLOR": "1"}.items() if k != "ANTHROPIC_API_KEY"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "played by a local stand-in" in out
+    for service in ("model", "store", "hands", "brain"):
+        assert f"{service} " in out and "pid" in out
+    for event_type in ("sandbox.provisioned", "agent.tool_use", "agent.tool_result", "session.status_idle"):
+        assert event_type in out
+    assert "Ran 2 tests" in out and "OK" in out, "the tests ran inside the sandbox"
+    assert "turn ended: end_turn" in out
+    assert not (tmp_path / "home" / "mesh.json").exists(), "the mesh was stopped and its address file removed"

@@ -34,7 +34,5 @@ def parse_listen(value: str) -> str:
     """Checks a `host:port` listen address (port 0 picks a free port)."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not host:port (e.g. 127.0.0.1:7301, or port 0 for any)"
-        )
+        raise argparse.ArgumentTypeError(f"{value!r} is not host:port (e.g. 127.0.0.1:7301, or port 0 for any)")
     return value

@@ -59,9 +59,7 @@ class MeshServer:
         interceptors = []
         if tracer_provider is not None:
             interceptors.append(
-                aio_server_interceptor(
-                    tracer_provider=tracer_provider, filter_=filters.negate(filters.health_check())
-                )
+                aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(filters.health_check()))
             )
         self._server = grpc.aio.server(
             interceptors=interceptors,
@@ -75,9 +73,7 @@ class MeshServer:
             ],
         )
         for service in self._services:
-            service.add_to_server(
-                ErrorTranslatingServicer(service.servicer, domain=service.name), self._server
-            )
+            service.add_to_server(ErrorTranslatingServicer(service.servicer, domain=service.name), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             [s.name for s in self._services] + [health.SERVICE_NAME, reflection.SERVICE_NAME],
@@ -95,9 +91,7 @@ class MeshServer:
         try:
             self.port = self._server.add_insecure_port(self._listen)
         except RuntimeError as exc:
-            raise OSError(
-                f"cannot listen on {self._listen}: the address is in use or not local ({exc})"
-            ) from exc
+            raise OSError(f"cannot listen on {self._listen}: the address is in use or not local ({exc})") from exc
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         for service in self._services:

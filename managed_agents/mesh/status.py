@@ -103,9 +103,7 @@ def _internal_error(exc: BaseException) -> Internal:
     context = trace.get_current_span().get_span_context()
     trace_id = format(context.trace_id, "032x") if context.is_valid else "none"
     log.exception("unexpected error while handling a call (trace %s)", trace_id, exc_info=exc)
-    return Internal(
-        f"internal error ({type(exc).__name__}); the server log has details under trace {trace_id}"
-    )
+    return Internal(f"internal error ({type(exc).__name__}); the server log has details under trace {trace_id}")
 
 
 def _record(error: MeshError) -> None:

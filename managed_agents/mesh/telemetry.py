@@ -29,9 +29,7 @@ def _version() -> str:
 
 def tracing_enabled(environ: Mapping[str, str]) -> bool:
     """True if an OTLP endpoint is configured."""
-    return bool(
-        environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
+    return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
 
 def build_tracer_provider(service_name: str, environ: Mapping[str, str]) -> TracerProvider | None:

@@ -145,7 +145,7 @@ class AgentConfig(_message.Message):
     MCP_SERVERS_FIELD_NUMBER: _builtins.int
     MAX_STEPS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Optional. Model name, e.g. `claude-sonnet-4-5`; empty means the brain's `--model`. At most 128 characters."""
+    """Optional. Model name, e.g. `claude-sonnet-5-5`; empty means the brain's `--model`. At most 128 characters."""
     system: _builtins.str
     """Optional. System prompt; at most 100,000 characters."""
     max_tokens: _builtins.int

@@ -46,9 +46,7 @@ async def test_grpcurl_creates_appends_and_reads_a_session(store_server: StoreSe
     assert code == 0, err
     assert json.loads(out)["session"]["status"] == "SESSION_STATUS_IDLE"
     message = {"session_id": "curl-1", "event": {"user_message": {"content": [{"text": {"text": "hi"}}]}}}
-    code, out, err = await grpcurl(
-        address, "managed_agents.v1.SessionService/EmitEvent", data=json.dumps(message)
-    )
+    code, out, err = await grpcurl(address, "managed_agents.v1.SessionService/EmitEvent", data=json.dumps(message))
     assert code == 0, err
     event = json.loads(out)["event"]
     assert event["type"] == "user.message" and event["seq"] == "1"

@@ -60,9 +60,7 @@ BAD_CALLS: dict[str, tuple[Call, str]] = {
     ),
     "oversized event": (
         lambda s, sid: s.EmitEvent(
-            session_pb2.EmitEventRequest(
-                session_id=sid, event=events.user_message("x" * (4 * 1024 * 1024 + 1))
-            )
+            session_pb2.EmitEventRequest(session_id=sid, event=events.user_message("x" * (4 * 1024 * 1024 + 1)))
         ),
         "the limit is 4194304",
     ),
@@ -100,9 +98,7 @@ BAD_CALLS: dict[str, tuple[Call, str]] = {
     ),
     "bad idempotency key": (
         lambda s, sid: s.EmitEvent(
-            session_pb2.EmitEventRequest(
-                session_id=sid, event=events.user_message("x"), idempotency_key="a b"
-            )
+            session_pb2.EmitEventRequest(session_id=sid, event=events.user_message("x"), idempotency_key="a b")
         ),
         "idempotency_key",
     ),
@@ -128,9 +124,7 @@ BAD_CALLS: dict[str, tuple[Call, str]] = {
     ),
     "lease ttl out of range": (
         lambda s, sid: s.AcquireLease(
-            session_pb2.AcquireLeaseRequest(
-                session_id=sid, holder="h", ttl=duration_pb2.Duration(seconds=3600)
-            )
+            session_pb2.AcquireLeaseRequest(session_id=sid, holder="h", ttl=duration_pb2.Duration(seconds=3600))
         ),
         "ttl: must be between 1 s and 10 min",
     ),
@@ -139,9 +133,7 @@ BAD_CALLS: dict[str, tuple[Call, str]] = {
         "holder",
     ),
     "title too long": (
-        lambda s, sid: s.CreateSession(
-            session_pb2.CreateSessionRequest(session=session_pb2.Session(title="t" * 300))
-        ),
+        lambda s, sid: s.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session(title="t" * 300))),
         "session.title",
     ),
 }

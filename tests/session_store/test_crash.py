@@ -68,9 +68,7 @@ async def test_sigterm_finishes_in_flight_appends_and_exits_cleanly(store_proces
     store_process.start()
     async with SessionStoreClient.connect(store_process.address) as store:
         session = await store.create_session()
-        pending = [
-            asyncio.create_task(store.emit(session.id, events.user_message(f"m{i}"))) for i in range(50)
-        ]
+        pending = [asyncio.create_task(store.emit(session.id, events.user_message(f"m{i}"))) for i in range(50)]
         await asyncio.sleep(0)
         results = await asyncio.gather(*pending, return_exceptions=True)
         code = await asyncio.to_thread(store_process.terminate)

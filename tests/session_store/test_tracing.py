@@ -34,9 +34,7 @@ async def test_a_traced_append_records_the_client_trace_on_the_event(tmp_path: P
     spans = {(s.name, s.kind.name) for s in exporter.get_finished_spans()}
     assert ("/managed_agents.v1.SessionService/EmitEvent", "SERVER") in spans
     assert ("/managed_agents.v1.SessionService/EmitEvent", "CLIENT") in spans
-    server_span = next(
-        s for s in exporter.get_finished_spans() if s.kind.name == "SERVER" and "Emit" in s.name
-    )
+    server_span = next(s for s in exporter.get_finished_spans() if s.kind.name == "SERVER" and "Emit" in s.name)
     assert format(server_span.context.span_id, "016x") == stored.span_id
 
 

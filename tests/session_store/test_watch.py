@@ -60,9 +60,7 @@ async def test_appends_during_the_backlog_read_are_neither_lost_nor_repeated(
     assert seen == list(range(1, 701))
 
 
-async def test_cancelling_a_watch_frees_it_on_the_server(
-    store_server: StoreServer, store: SessionStoreClient
-) -> None:
+async def test_cancelling_a_watch_frees_it_on_the_server(store_server: StoreServer, store: SessionStoreClient) -> None:
     session = await store.create_session()
     await store.emit(session.id, events.user_message("one"))
     got_one = asyncio.Event()

@@ -1,0 +1,67 @@
+"""Assembles a running hands server: the backend, the sandbox manager and the `HandsService` server.
+`__main__` and the tests build it the same way."""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from hands.backend import Limits, SandboxBackend
+from hands.config import HandsConfig
+from hands.sandboxes import SandboxManager
+from hands.server import SERVICE_NAME, HandsServicer
+from managed_agents.mesh.server import MeshServer, Service
+from managed_agents.v1 import hands_pb2_grpc
+
+
+class HandsServer:
+    """A hands server that is serving; `aclose()` stops it (sandboxes stay on disk for a restart)."""
+
+    def __init__(self, server: MeshServer, manager: SandboxManager) -> None:
+        self.server = server
+        self.manager = manager
+
+    @property
+    def address(self) -> str:
+        """Bound `host:port`."""
+        return self.server.address
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Lets in-flight calls finish, then stops the shells."""
+        await self.server.stop(grace)
+        await self.manager.aclose()
+
+
+def make_backend(config: HandsConfig) -> SandboxBackend:
+    """The configured backend; raises RuntimeError with a sentence saying what is missing."""
+    if config.backend != "bwrap":
+        raise RuntimeError(f"unknown sandbox backend {config.backend!r}")
+    from hands.backends.bwrap import BwrapBackend
+
+    return BwrapBackend.create_default()
+
+
+async def start(
+    config: HandsConfig, tracer_provider: TracerProvider | None, *, backend: SandboxBackend | None = None
+) -> HandsServer:
+    """Adopts sandboxes left on disk, then serves."""
+    backend = backend or make_backend(config)
+    defaults = Limits(image=config.default_image if backend.name == "docker" else "")
+    manager = SandboxManager(backend, config.work_root, instance=config.instance_name)
+    await manager.start()
+    server = MeshServer(
+        [
+            Service(
+                SERVICE_NAME,
+                HandsServicer(manager, defaults),
+                hands_pb2_grpc.add_HandsServiceServicer_to_server,
+            )
+        ],
+        listen=config.listen,
+        tracer_provider=tracer_provider,
+    )
+    try:
+        await server.start()
+    except BaseException:
+        await manager.aclose()
+        raise
+    return HandsServer(server, manager)

@@ -1,0 +1,141 @@
+"""The `SandboxBackend` interface and the plain records it speaks.
+
+A backend knows how to make an isolated place with a private workspace and start a shell in it; everything
+above (tools, execution records, idempotency, idle reaping) is shared by all backends. Another engine
+(Kubernetes, Firecracker) is another file in `hands/backends/` implementing these few methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class Enforcement(enum.IntEnum):
+    """How limits are enforced; numbers match `managed_agents.v1.LimitEnforcement`."""
+
+    CGROUP_V2 = 1
+    CGROUP_V1 = 2
+    RLIMIT = 3
+    CONTAINER = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits of one sandbox, defaults filled in."""
+
+    memory_bytes: int = 1 << 30
+    max_processes: int = 256
+    cpu_millis: int = 1000
+    command_timeout_s: float = 120.0
+    idle_ttl_s: float = 1800.0
+    image: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitEvents:
+    """Counters of a sandbox running into its limits."""
+
+    oom_kills: int = 0
+    process_limit_hits: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxPaths:
+    """Host directories of one sandbox: `workspace` is what the sandbox sees as /workspace; `control` holds the
+    scripts the shell runs (read-only inside); `state` (execution records) is never visible inside."""
+
+    root: Path
+
+    @property
+    def workspace(self) -> Path:
+        return self.root / "workspace"
+
+    @property
+    def control(self) -> Path:
+        return self.root / "control"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    def create(self) -> None:
+        """Makes the directories."""
+        for path in (self.workspace, self.control, self.state):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+# Where the control directory appears inside every sandbox.
+CONTROL_MOUNT = "/run/managed-agents"
+WORKSPACE_MOUNT = "/workspace"
+
+
+class ShellProcess(Protocol):
+    """A running shell in a sandbox: bytes in, bytes out (stdout and stderr merged), and its end."""
+
+    async def write(self, data: bytes) -> None:
+        """Sends bytes to the shell's stdin."""
+        ...
+
+    async def read(self) -> bytes:
+        """The next output bytes; empty once the shell has exited."""
+        ...
+
+    async def kill_children(self) -> None:
+        """Interrupts the shell and kills every process it started, but not the shell (to cut a command short)."""
+        ...
+
+    async def terminate(self) -> None:
+        """Kills the shell and everything in it."""
+        ...
+
+    def exit_description(self) -> str | None:
+        """None while the shell runs; else how it ended, for humans (`killed by signal 9`, ...)."""
+        ...
+
+    async def wait_exit(self, timeout: float) -> str | None:
+        """Like `exit_description`, after waiting up to `timeout` seconds for the shell to be reaped."""
+        ...
+
+
+class SandboxBackend(Protocol):
+    """Makes sandboxes and starts shells in them."""
+
+    name: str
+
+    @property
+    def enforcement(self) -> Enforcement:
+        """How this backend enforces limits on this host."""
+        ...
+
+    async def create(self, sandbox_id: str, paths: SandboxPaths, limits: Limits) -> None:
+        """Prepares the sandbox (limit groups, container). Raises `SandboxUnavailable` if it cannot."""
+        ...
+
+    async def start_shell(self, sandbox_id: str, paths: SandboxPaths, limits: Limits) -> ShellProcess:
+        """Starts a fresh shell in the sandbox, cwd /workspace, with a clean environment."""
+        ...
+
+    async def lost_reason(self, sandbox_id: str) -> str | None:
+        """Why the sandbox's shell died, if the backend can tell (out of memory, container removed)."""
+        ...
+
+    async def limit_events(self, sandbox_id: str) -> LimitEvents:
+        """How often the sandbox ran into its limits so far (zeros if the backend cannot tell)."""
+        ...
+
+    async def destroy(self, sandbox_id: str, paths: SandboxPaths) -> None:
+        """Removes the sandbox's processes, groups and container (not the directories)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Releases backend resources."""
+        ...
+
+
+async def read_all(stream: asyncio.StreamReader) -> bytes:
+    """Reads whatever is available (at most 64 KiB), or b'' at end of stream."""
+    return await stream.read(65536)

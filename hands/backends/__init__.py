@@ -1,0 +1,1 @@
+"""Sandbox backends: one module per engine, each implementing `hands.backend.SandboxBackend`."""

@@ -1,0 +1,92 @@
+"""`ShellProcess` over a local child process (bwrap and anything else started with a pipe to its shell)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+from hands import procs
+
+
+class SubprocessShell:
+    """A shell running as (a descendant of) a local child process."""
+
+    def __init__(self, process: asyncio.subprocess.Process, *, wrapper_names: frozenset[str]) -> None:
+        """`wrapper_names` are the command names of processes between ours and the shell (e.g. `bwrap`)."""
+        self._process = process
+        self._wrappers = wrapper_names
+
+    async def write(self, data: bytes) -> None:
+        assert self._process.stdin is not None
+        self._process.stdin.write(data)
+        await self._process.stdin.drain()
+
+    async def read(self) -> bytes:
+        assert self._process.stdout is not None
+        return await self._process.stdout.read(65536)
+
+    def _sandbox_processes(self) -> tuple[int | None, list[int]]:
+        """(the shell, every other process of the sandbox except the wrappers)."""
+        tree = procs.descendants(self._process.pid)
+        if not self._wrappers:
+            return self._process.pid, tree
+        inside = [pid for pid in tree if procs.command_name(pid) not in self._wrappers]
+        if not inside:
+            return None, []
+        return inside[0], inside[1:]
+
+    async def kill_children(self) -> None:
+        shell, _ = self._sandbox_processes()
+        if shell is None:
+            return
+        # SIGINT first, so the shell's trap is pending when its child dies: it then returns from the command
+        # instead of running its remaining lines.
+        procs.kill([shell], signal.SIGINT)
+        # Everything else goes, orphans re-parented to the namespace's init included. A fork bomb refills freed
+        # slots faster than a sweep of kills empties them, so first stop everything (a stopped process cannot
+        # fork), sweeping until no running process is left, then kill the lot.
+        for _ in range(40):
+            _, others = self._sandbox_processes()
+            running = [pid for pid in others if not procs.stopped(pid)]
+            if not running:
+                break
+            procs.kill(running, signal.SIGSTOP)
+            await asyncio.sleep(0.01)
+        for _ in range(40):
+            _, others = self._sandbox_processes()
+            if not others:
+                break
+            procs.kill(others, signal.SIGKILL)
+            await asyncio.sleep(0.05)
+
+    async def terminate(self) -> None:
+        if self._process.returncode is None:
+            procs.kill([*reversed(procs.descendants(self._process.pid)), self._process.pid], signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._process.wait(), 5)
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        # Let the transport see the pipes close, so it is released now rather than by the garbage collector.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._process.communicate(), 1)
+
+    async def wait_exit(self, timeout: float) -> str | None:
+        """How the shell ended, waiting up to `timeout` seconds for the kernel to report it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._process.wait(), timeout)
+        return self.exit_description()
+
+    def exit_description(self) -> str | None:
+        code = self._process.returncode
+        if code is None:
+            return None
+        if code < 0:
+            return f"killed by signal {signal.Signals(-code).name}"
+        if code > 128:
+            # bwrap reports a killed child as 128 + signal number.
+            with contextlib.suppress(ValueError):
+                return f"killed by signal {signal.Signals(code - 128).name}"
+        return f"exited with code {code}"

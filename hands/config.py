@@ -1,0 +1,112 @@
+"""Configuration of a hands process: flags, each with an environment variable fallback."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from managed_agents.mesh.config import add_flag, parse_listen
+
+
+@dataclass(frozen=True, slots=True)
+class HandsConfig:
+    """Everything a hands process needs to start."""
+
+    listen: str = "127.0.0.1:7302"
+    work_root: Path = Path(".managed-agents/sandboxes")
+    backend: str = "bwrap"
+    instance: str = ""
+    docker_url: str = ""
+    default_image: str = "localhost/managed-agents-sandbox:1"
+    port_file: Path | None = None
+    grace_seconds: float = 10.0
+    log_level: str = "info"
+
+    @property
+    def instance_name(self) -> str:
+        """This server's instance id, recorded on its sandboxes."""
+        return self.instance or f"hands-{socket.gethostname()}"
+
+    @classmethod
+    def parser(cls, environ: Mapping[str, str], prog: str = "python -m hands") -> argparse.ArgumentParser:
+        """The argument parser, with defaults taken from `environ`."""
+        d = cls()
+        parser = argparse.ArgumentParser(
+            prog=prog,
+            description=(
+                "Hands of the managed-agents mesh: disposable sandboxes in which the model's tool calls run "
+                "(bash and the text editor), served as managed_agents.v1.HandsService."
+            ),
+        )
+
+        def flag(name: str, env: str, default: object, help: str, **kw: object) -> None:
+            add_flag(parser, name, env=env, environ=environ, default=default, help=help, **kw)  # type: ignore[arg-type]
+
+        flag(
+            "--listen",
+            "HANDS_LISTEN",
+            d.listen,
+            "host:port to serve on; port 0 picks a free port",
+            type=parse_listen,
+        )
+        flag(
+            "--work-root",
+            "HANDS_WORK_ROOT",
+            d.work_root,
+            "directory holding each sandbox's workspace and records (kept across restarts)",
+            type=Path,
+        )
+        flag(
+            "--backend",
+            "HANDS_BACKEND",
+            d.backend,
+            "bwrap: Linux namespaces via bubblewrap (fast, no daemon)",
+            choices=["bwrap"],
+        )
+        flag(
+            "--instance",
+            "HANDS_INSTANCE",
+            d.instance,
+            "id of this server, recorded on its sandboxes (default: hands-<hostname>)",
+        )
+        flag(
+            "--docker-url",
+            "HANDS_DOCKER_URL",
+            d.docker_url,
+            "Docker Engine API socket for --backend docker (default: DOCKER_HOST or the standard socket)",
+        )
+        flag(
+            "--default-image",
+            "HANDS_DEFAULT_IMAGE",
+            d.default_image,
+            "container image for --backend docker when a sandbox asks for none",
+        )
+        flag("--port-file", "HANDS_PORT_FILE", None, "write the bound host:port here once serving", type=Path)
+        flag("--grace", "HANDS_GRACE", d.grace_seconds, "seconds in-flight calls get on SIGTERM", type=float)
+        flag(
+            "--log-level",
+            "HANDS_LOG_LEVEL",
+            d.log_level,
+            "log level",
+            choices=["debug", "info", "warning", "error"],
+        )
+        return parser
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> HandsConfig:
+        """Parses `argv`; flags beat environment variables, which beat defaults."""
+        args = cls.parser(environ).parse_args(argv)
+        return cls(
+            listen=args.listen,
+            work_root=args.work_root,
+            backend=args.backend,
+            instance=args.instance,
+            docker_url=args.docker_url,
+            default_image=args.default_image,
+            port_file=args.port_file,
+            grace_seconds=args.grace,
+            log_level=args.log_level,
+        )

@@ -1,0 +1,406 @@
+"""The sandboxes of one hands server: provisioning (idempotent on a request id), tool calls (idempotent on an
+execution id, one at a time per sandbox), loss detection, idle reaping and destruction.
+
+What survives a restart of the hands server: each sandbox's directory (workspace and execution records) and
+its metadata. Its processes cannot: bwrap sandboxes die with their parent (`--die-with-parent`), which is what
+guarantees no sandbox outlives a crashed server unwatched. On start, a server adopts the sandboxes it finds on
+disk: the workspace is intact, the next call gets a fresh shell (working directory and environment back to
+defaults), and a call that was running when the old server died is reported as interrupted, never re-run.
+A graceful stop therefore destroys nothing; only `Destroy` and the idle time-to-live remove sandboxes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from hands.backend import CONTROL_MOUNT, Limits, SandboxBackend, SandboxPaths
+from hands.executions import ExecResult, ExecStatus, ExecutionLog
+from hands.shell import Shell
+from hands.tools import bash, text_editor
+from managed_agents.mesh.errors import SandboxNotFound
+from managed_agents.mesh.ids import SANDBOX_PREFIX, new_id
+
+log = logging.getLogger(__name__)
+
+READY, LOST, DESTROYED = "ready", "lost", "destroyed"
+TOOLS = (bash.NAME, text_editor.NAME)
+
+
+@dataclass(slots=True)
+class Sandbox:
+    """One sandbox and its live state."""
+
+    id: str
+    paths: SandboxPaths
+    limits: Limits
+    create_time: float
+    session_id: str = ""
+    request_id: str = ""
+    state: str = READY
+    lost_reason: str = ""
+    last_used: float = 0.0
+    shell: Shell | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    inflight: dict[str, asyncio.Task[ExecResult]] = field(default_factory=dict)
+    executions: ExecutionLog | None = None
+    oom_seen: int = 0
+
+    def metadata(self) -> dict[str, Any]:
+        """What is written to `sandbox.json`."""
+        return {
+            "id": self.id,
+            "limits": asdict(self.limits),
+            "create_time": self.create_time,
+            "session_id": self.session_id,
+            "request_id": self.request_id,
+            "state": self.state,
+            "lost_reason": self.lost_reason,
+        }
+
+
+class SandboxManager:
+    """All sandboxes of this server, on one backend, under one work root."""
+
+    def __init__(self, backend: SandboxBackend, work_root: Path, *, instance: str) -> None:
+        self.backend = backend
+        self.instance = instance
+        self._root = work_root
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._by_request: dict[str, str] = {}
+        self._provisioning: dict[str, asyncio.Task[Sandbox]] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # Lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Adopts the sandboxes a previous server left on disk and starts the idle reaper."""
+        self._root.mkdir(parents=True, exist_ok=True)
+        for meta_path in sorted(self._root.glob(f"{SANDBOX_PREFIX}*/sandbox.json")):
+            try:
+                meta = json.loads(meta_path.read_text())
+                sandbox = Sandbox(
+                    id=meta["id"],
+                    paths=SandboxPaths(meta_path.parent),
+                    limits=Limits(**meta["limits"]),
+                    create_time=float(meta["create_time"]),
+                    session_id=meta.get("session_id", ""),
+                    request_id=meta.get("request_id", ""),
+                    state=meta.get("state", READY),
+                    lost_reason=meta.get("lost_reason", ""),
+                    last_used=time.time(),
+                )
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                log.warning("ignoring %s: %s", meta_path, error)
+                continue
+            sandbox.executions = ExecutionLog(sandbox.paths.state / "executions")
+            if sandbox.state == READY:
+                await self.backend.create(sandbox.id, sandbox.paths, sandbox.limits)
+            self._sandboxes[sandbox.id] = sandbox
+            if sandbox.request_id:
+                self._by_request[sandbox.request_id] = sandbox.id
+        if self._sandboxes:
+            log.info("adopted %d sandbox(es) from %s", len(self._sandboxes), self._root)
+        self._reaper = asyncio.create_task(self._reap_idle(), name="idle-reaper")
+
+    async def aclose(self) -> None:
+        """Stops the reaper and the shells; sandboxes stay on disk for the next server to adopt."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for sandbox in self._sandboxes.values():
+            for task in sandbox.inflight.values():
+                task.cancel()
+            if sandbox.shell is not None:
+                await sandbox.shell.close()
+        await self.backend.aclose()
+
+    async def _reap_idle(self) -> None:
+        while True:
+            ttls = [s.limits.idle_ttl_s for s in self._sandboxes.values() if s.state != DESTROYED]
+            await asyncio.sleep(min([5.0, *(t / 2 for t in ttls)]))
+            now = time.time()
+            for sandbox in list(self._sandboxes.values()):
+                idle = now - sandbox.last_used
+                if sandbox.state != DESTROYED and not sandbox.inflight and idle > sandbox.limits.idle_ttl_s:
+                    log.info(
+                        "destroying %s: idle for %.0f s (idle_ttl %.0f s)",
+                        sandbox.id,
+                        idle,
+                        sandbox.limits.idle_ttl_s,
+                    )
+                    await self.destroy(sandbox.id)
+
+    def _save(self, sandbox: Sandbox) -> None:
+        path = sandbox.paths.root / "sandbox.json"
+        if sandbox.paths.root.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(sandbox.metadata()))
+            tmp.replace(path)
+
+    # Provisioning ----------------------------------------------------------------------------------------
+
+    async def provision(self, limits: Limits, *, session_id: str = "", request_id: str = "") -> Sandbox:
+        """A new ready sandbox (or, for a request id seen before, the sandbox made for it)."""
+        if request_id:
+            known = self._by_request.get(request_id)
+            if known is not None:
+                return self._sandboxes[known]
+            pending = self._provisioning.get(request_id)
+            if pending is not None:
+                return await asyncio.shield(pending)
+        task = asyncio.create_task(self._provision(limits, session_id, request_id))
+        if request_id:
+            self._provisioning[request_id] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if request_id:
+                self._provisioning.pop(request_id, None)
+
+    async def _provision(self, limits: Limits, session_id: str, request_id: str) -> Sandbox:
+        sandbox_id = new_id(SANDBOX_PREFIX)
+        paths = SandboxPaths(self._root / sandbox_id)
+        paths.create()
+        now = time.time()
+        sandbox = Sandbox(
+            id=sandbox_id,
+            paths=paths,
+            limits=limits,
+            create_time=now,
+            session_id=session_id,
+            request_id=request_id,
+            last_used=now,
+        )
+        sandbox.executions = ExecutionLog(paths.state / "executions")
+        try:
+            await self.backend.create(sandbox_id, paths, limits)
+            # A warm shell now makes the first call as fast as the next ones.
+            sandbox.shell = await self._start_shell(sandbox)
+        except BaseException:
+            await self.backend.destroy(sandbox_id, paths)
+            await asyncio.to_thread(shutil.rmtree, paths.root, True)
+            raise
+        self._save(sandbox)
+        self._sandboxes[sandbox_id] = sandbox
+        if request_id:
+            self._by_request[request_id] = sandbox_id
+        log.info("provisioned %s (%s, session %s)", sandbox_id, self.backend.name, session_id or "-")
+        return sandbox
+
+    async def _start_shell(self, sandbox: Sandbox) -> Shell:
+        process = await self.backend.start_shell(sandbox.id, sandbox.paths, sandbox.limits)
+        control_inside = CONTROL_MOUNT if self.backend.name != "local" else str(sandbox.paths.control)
+        return Shell(process, control_host=str(sandbox.paths.control), control_inside=control_inside)
+
+    # Lookup ----------------------------------------------------------------------------------------------
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        """The sandbox, its loss noticed if its shell was killed. Raises `SandboxNotFound`."""
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None:
+            raise SandboxNotFound(f"sandbox {sandbox_id} does not exist on this hands server ({self.instance})")
+        return sandbox
+
+    async def refresh(self, sandbox: Sandbox) -> Sandbox:
+        """Marks the sandbox lost if its shell was killed while idle."""
+        shell = sandbox.shell
+        if sandbox.state == READY and shell is not None and not sandbox.lock.locked() and shell.ended:
+            await self._shell_ended(sandbox, shell)
+        return sandbox
+
+    def list(self) -> list[Sandbox]:
+        """Every sandbox this server knows, newest first."""
+        return sorted(self._sandboxes.values(), key=lambda s: (s.create_time, s.id), reverse=True)
+
+    async def _shell_ended(self, sandbox: Sandbox, shell: Shell) -> str | None:
+        """After the shell ended: the reason if the sandbox is lost, else None (the shell merely exited)."""
+        sandbox.shell = None
+        how = await shell.process.wait_exit(2.0) or "stopped responding"
+        await shell.close()
+        if how.startswith("exited"):
+            return None  # `exit` in a command: the next call starts a new shell
+        reason = await self.backend.lost_reason(sandbox.id) or f"its processes were killed from outside ({how})"
+        await self._mark_lost(sandbox, reason)
+        return reason
+
+    async def _mark_lost(self, sandbox: Sandbox, reason: str) -> None:
+        if sandbox.state != READY:
+            return
+        sandbox.state, sandbox.lost_reason = LOST, reason
+        log.warning("sandbox %s is lost: %s", sandbox.id, reason)
+        self._save(sandbox)
+        # Whatever is left of it (other processes, groups) goes now; its workspace stays until Destroy.
+        await self.backend.destroy(sandbox.id, sandbox.paths)
+
+    # Execution -------------------------------------------------------------------------------------------
+
+    async def execute(
+        self,
+        sandbox_id: str,
+        execution_id: str,
+        name: str,
+        tool_input: Mapping[str, Any],
+        timeout: float | None,
+    ) -> ExecResult:
+        """Runs a tool call once; a repeated execution id returns (or waits for) the first call's result."""
+        sandbox = await self.refresh(self.get(sandbox_id))
+        assert sandbox.executions is not None
+        running = sandbox.inflight.get(execution_id)
+        if running is not None:
+            return replace(await asyncio.shield(running), replayed=True)
+        known = sandbox.executions.lookup(execution_id)
+        if isinstance(known, ExecResult):
+            return replace(known, replayed=True)
+        if isinstance(known, str):
+            return ExecResult(
+                output="This call was interrupted when the hands server running it stopped; whether it took "
+                "effect is unknown, and it was not re-run.",
+                is_error=True,
+                status=ExecStatus.INTERRUPTED,
+                replayed=True,
+            )
+        if sandbox.state != READY:
+            return ExecResult(
+                output=f"The sandbox {sandbox.id} is gone: {sandbox.lost_reason or sandbox.state}. This call did "
+                "not run; the next call should use a new sandbox.",
+                is_error=True,
+                status=ExecStatus.REJECTED,
+                sandbox_lost=True,
+            )
+        task = asyncio.create_task(self._execute_now(sandbox, execution_id, name, tool_input, timeout))
+        sandbox.inflight[execution_id] = task
+        try:
+            # Shielded: a caller that goes away must not cut the call short; a retry will collect the result.
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                sandbox.inflight.pop(execution_id, None)
+            else:
+                task.add_done_callback(lambda _: sandbox.inflight.pop(execution_id, None))
+
+    async def _execute_now(
+        self,
+        sandbox: Sandbox,
+        execution_id: str,
+        name: str,
+        tool_input: Mapping[str, Any],
+        timeout: float | None,
+    ) -> ExecResult:
+        assert sandbox.executions is not None
+        async with sandbox.lock:
+            started = time.monotonic()
+            if name not in TOOLS:
+                result = ExecResult(
+                    f"There is no tool named {name!r}; the tools are: {', '.join(TOOLS)}.",
+                    is_error=True,
+                    status=ExecStatus.REJECTED,
+                )
+            else:
+                sandbox.executions.started(execution_id, name)
+                if name == bash.NAME:
+                    result = await self._bash(sandbox, tool_input, timeout or sandbox.limits.command_timeout_s)
+                else:
+                    edited = await asyncio.to_thread(text_editor.run, tool_input, sandbox.paths.workspace)
+                    result = ExecResult(edited.output, edited.is_error, ExecStatus.COMPLETED)
+            result = replace(result, duration_s=time.monotonic() - started)
+            sandbox.executions.finished(execution_id, name, result)
+            sandbox.last_used = time.time()
+            return result
+
+    async def _bash(self, sandbox: Sandbox, tool_input: Mapping[str, Any], timeout: float) -> ExecResult:
+        try:
+            command, restart = bash.parse(tool_input)
+        except ValueError as error:
+            return ExecResult(f"bash: {error}", is_error=True, status=ExecStatus.REJECTED)
+        if restart:
+            if sandbox.shell is not None:
+                await sandbox.shell.close()
+            sandbox.shell = await self._start_shell(sandbox)
+            return ExecResult("The shell was restarted.", is_error=False, status=ExecStatus.COMPLETED)
+        if sandbox.shell is None or sandbox.shell.ended:
+            sandbox.shell = await self._start_shell(sandbox)
+        shell = sandbox.shell
+        before = await self.backend.limit_events(sandbox.id)
+        outcome = await shell.run(command, timeout=timeout)
+        output = outcome.output
+        if outcome.shell_ended and not outcome.restarted_after_timeout:
+            reason = await self._shell_ended(sandbox, shell)
+            if reason is not None:
+                return ExecResult(
+                    f"{output}\n[The sandbox died during this call: {reason}. Its outcome is unknown and it "
+                    "was "
+                    "not re-run; the next call gets a new sandbox.]".lstrip(),
+                    is_error=True,
+                    status=ExecStatus.INTERRUPTED,
+                    truncated=outcome.truncated,
+                    sandbox_lost=True,
+                )
+            how = shell.process.exit_description() or ""
+            code = int(how.rsplit(" ", 1)[1]) if how.startswith("exited with code ") else None
+            note = "[The shell exited; the next command starts a new one.]"
+            return ExecResult(
+                f"{output}\n{note}".lstrip("\n"),
+                is_error=code != 0,
+                status=ExecStatus.COMPLETED,
+                exit_code=code,
+                truncated=outcome.truncated,
+            )
+        if outcome.restarted_after_timeout:
+            sandbox.shell = None
+        after = await self.backend.limit_events(sandbox.id)
+        if after.oom_kills > before.oom_kills:
+            output += (
+                f"\n[A process was killed for exceeding the sandbox's memory limit of "
+                f"{sandbox.limits.memory_bytes >> 20} MiB.]"
+            )
+        if after.process_limit_hits > before.process_limit_hits:
+            output += (
+                f"\n[The sandbox reached its limit of {sandbox.limits.max_processes} processes: "
+                f"{after.process_limit_hits - before.process_limit_hits} process creations were refused.]"
+            )
+        if outcome.timed_out:
+            return ExecResult(
+                output,
+                is_error=True,
+                status=ExecStatus.TIMED_OUT,
+                exit_code=outcome.exit_code,
+                truncated=outcome.truncated,
+            )
+        code = outcome.exit_code
+        return ExecResult(
+            output,
+            is_error=code not in (0, None),
+            status=ExecStatus.COMPLETED,
+            exit_code=code,
+            truncated=outcome.truncated,
+        )
+
+    # Destruction -----------------------------------------------------------------------------------------
+
+    async def destroy(self, sandbox_id: str) -> Sandbox:
+        """Removes every trace of the sandbox; destroying it twice is fine."""
+        sandbox = self.get(sandbox_id)
+        if sandbox.state == DESTROYED:
+            return sandbox
+        for task in sandbox.inflight.values():
+            task.cancel()
+        if sandbox.shell is not None:
+            await sandbox.shell.close()
+            sandbox.shell = None
+        await self.backend.destroy(sandbox.id, sandbox.paths)
+        await asyncio.to_thread(shutil.rmtree, sandbox.paths.root, True)
+        sandbox.state = DESTROYED
+        if sandbox.request_id:
+            self._by_request.pop(sandbox.request_id, None)
+        log.info("destroyed %s", sandbox_id)
+        return sandbox

@@ -1,0 +1,100 @@
+"""The whole mesh on one machine: store, hands and brain (and, without an API key, the stand-in model) as
+separate processes on free loopback ports, started in dependency order and stopped in reverse.
+
+`managed-agents up` keeps it running until Ctrl-C; `managed-agents demo` starts it, runs one session and stops
+it. The addresses are written to `<home>/mesh.json`, where the other commands find them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from managed_agents.procs import ServiceProcess
+
+STATE_FILE = "mesh.json"
+
+
+def mesh_home(environ: Mapping[str, str]) -> Path:
+    """Where the local mesh keeps data, logs and addresses: `$MANAGED_AGENTS_HOME`, or `.managed-agents`."""
+    return Path(environ.get("MANAGED_AGENTS_HOME", ".managed-agents"))
+
+
+@dataclass(frozen=True, slots=True)
+class MeshAddresses:
+    """Where each service of a running local mesh listens."""
+
+    store: str
+    hands: str
+    brain: str
+    model: str  # the model endpoint: the stand-in's URL, or empty for the real API
+
+    def save(self, home: Path) -> None:
+        """Writes `mesh.json` atomically."""
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = home / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, home / STATE_FILE)
+
+    @classmethod
+    def load(cls, home: Path) -> MeshAddresses | None:
+        """The addresses of the mesh `up` started here, if any."""
+        try:
+            data = json.loads((home / STATE_FILE).read_text())
+            return cls(**{k: str(data.get(k, "")) for k in ("store", "hands", "brain", "model")})
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+class LocalMesh:
+    """Starts and stops the mesh's processes; `say` reports progress to the user."""
+
+    def __init__(self, home: Path, environ: Mapping[str, str], say: Callable[[str], None]) -> None:
+        self.home = home
+        self._environ = dict(environ)
+        self._say = say
+        self._processes: list[ServiceProcess] = []
+        self.addresses: MeshAddresses | None = None
+        self.uses_standin = not environ.get("ANTHROPIC_API_KEY")
+
+    def _start(self, label: str, module: str, args: list[str], env: Mapping[str, str] | None = None) -> str:
+        process = ServiceProcess(module, args, self.home / "logs", env=env)
+        process.start(timeout=60)
+        self._processes.append(process)
+        self._say(f"{label:<12} {process.address:<22} pid {process.pid:<7} log {process.log_path}")
+        return process.address
+
+    def start(self, *, standin_script: str = "demo", hands_backend: str = "bwrap") -> MeshAddresses:
+        """Starts every service and waits until each serves."""
+        brain_env: dict[str, str] = {}
+        model = ""
+        try:
+            if self.uses_standin:
+                address = self._start("model", "managed_agents.standin", ["--script", standin_script])
+                model = f"http://{address}"
+                brain_env = {"ANTHROPIC_BASE_URL": model, "ANTHROPIC_API_KEY": "stand-in"}
+            store = self._start("store", "session_store", ["--data-dir", str(self.home / "store")])
+            hands = self._start(
+                "hands", "hands", ["--work-root", str(self.home / "sandboxes"), "--backend", hands_backend]
+            )
+            brain = self._start("brain", "brain", ["--store", store, "--hands", hands], env=brain_env)
+        except BaseException:
+            self.stop()
+            raise
+        self.addresses = MeshAddresses(store=store, hands=hands, brain=brain, model=model)
+        self.addresses.save(self.home)
+        return self.addresses
+
+    def stop(self) -> None:
+        """Stops the processes, newest first (the brain releases its sessions before the store goes)."""
+        for process in reversed(self._processes):
+            process.stop()
+        self._processes.clear()
+        (self.home / STATE_FILE).unlink(missing_ok=True)
+
+    def dead(self) -> list[str]:
+        """Modules whose process has exited."""
+        return [p.module for p in self._processes if not p.running()]
