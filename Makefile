@@ -13,13 +13,13 @@ run: install
 test: install
 	scripts/check
 
-install: $(STAMP) system-deps
+install: system-deps $(STAMP)
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed; set PYTHON=..."'
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml examples/node/package-lock.json | $(BIN)/python
+$(STAMP): pyproject.toml examples/node/package-lock.json | $(BIN)/python system-deps
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	scripts/install-grpcurl $(BIN)
