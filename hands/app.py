@@ -33,8 +33,10 @@ class HandsServer:
 
 def make_backend(config: HandsConfig) -> SandboxBackend:
     """The configured backend; raises RuntimeError with a sentence saying what is missing."""
-    if config.backend != "bwrap":
-        raise RuntimeError(f"unknown sandbox backend {config.backend!r}")
+    if config.backend == "docker":
+        from hands.backends.docker import DockerBackend
+
+        return DockerBackend.connect(config.docker_url, default_image=config.default_image)
     from hands.backends.bwrap import BwrapBackend
 
     return BwrapBackend.create_default()

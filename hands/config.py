@@ -63,8 +63,9 @@ class HandsConfig:
             "--backend",
             "HANDS_BACKEND",
             d.backend,
-            "bwrap: Linux namespaces via bubblewrap (fast, no daemon)",
-            choices=["bwrap"],
+            "bwrap: Linux namespaces via bubblewrap (fast, no daemon); docker: a container per sandbox through a "
+            "Docker Engine API (Docker or Podman)",
+            choices=["bwrap", "docker"],
         )
         flag(
             "--instance",

@@ -86,7 +86,7 @@ class Shell:
         """Runs `command`; on timeout, stops what it started and returns what it printed."""
         if self._counter == 0:
             # An interrupt (sent on timeout) ends the command being sourced, not the shell.
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            with contextlib.suppress(OSError):
                 await self._process.write(b"trap 'return 130 2>/dev/null' INT\n")
         self._counter += 1
         nonce = os.urandom(8).hex()
@@ -103,7 +103,7 @@ class Shell:
         try:
             try:
                 await self._process.write(line.encode())
-            except (BrokenPipeError, ConnectionResetError):
+            except OSError:
                 self._ended = True
                 return ShellResult("", None, shell_ended=True)
             try:

@@ -17,7 +17,10 @@ from tests.brain.helpers import start_session, stop_reasons, types, wait_idle
 
 
 async def test_a_session_without_tool_calls_never_provisions_a_sandbox(
-    store: SessionStoreClient, hands_server: HandsServer, hands: HandsClient, start_standin: StartStandin,
+    store: SessionStoreClient,
+    hands_server: HandsServer,
+    hands: HandsClient,
+    start_standin: StartStandin,
     start_brain: StartBrain,
 ) -> None:
     standin = await start_standin(Script(steps=(step(text("no tools needed")),)))
@@ -35,12 +38,14 @@ async def test_a_session_without_tool_calls_never_provisions_a_sandbox(
 async def test_a_sandbox_that_dies_mid_turn_is_an_error_claude_sees_then_a_new_one(
     store: SessionStoreClient, hands_server: HandsServer, start_standin: StartStandin, start_brain: StartBrain
 ) -> None:
-    script = Script(steps=(
-        step(tool("bash", command="echo one > a.txt; cat a.txt")),
-        step(tool("bash", command="cat a.txt"), latency_s=1.5),
-        step(tool("bash", command="echo two > b.txt; ls")),
-        step(text("done: {last_tool_result}")),
-    ))
+    script = Script(
+        steps=(
+            step(tool("bash", command="echo one > a.txt; cat a.txt")),
+            step(tool("bash", command="cat a.txt"), latency_s=1.5),
+            step(tool("bash", command="echo two > b.txt; ls")),
+            step(text("done: {last_tool_result}")),
+        )
+    )
     standin = await start_standin(script)
     brain = await start_brain(standin, hands=hands_server.address)
     session_id = await start_session(store, "work in the sandbox")
