@@ -264,8 +264,14 @@ class SessionRun:
         assert driver is not None
         renewer = asyncio.create_task(self._renew_lease(driver))
         watcher = asyncio.create_task(self._watch_interrupts())
+        span = self._harness.tracer.start_span(
+            "brain.turn",
+            attributes={"session.id": self.session_id, "brain.holder": self._config.holder, "lease.epoch": self.epoch},
+            links=self._previous_trace(),
+        )
         try:
-            await self._drive()
+            with trace.use_span(span, end_on_exit=True):
+                await self._drive()
         except LeaseLost as lost:
             log.warning("session %s: lease lost, stopping at once: %s", self.session_id, lost)
         except asyncio.CancelledError:
@@ -280,6 +286,19 @@ class SessionRun:
             renewer.cancel()
             watcher.cancel()
             await asyncio.gather(renewer, watcher, return_exceptions=True)
+
+    def _previous_trace(self) -> list[trace.Link]:
+        """A link to the trace that last wrote to the session (the turn this one resumes), if it was traced."""
+        for event in reversed(self._events):
+            if event.trace_id and event.span_id:
+                context = trace.SpanContext(
+                    trace_id=int(event.trace_id, 16),
+                    span_id=int(event.span_id, 16),
+                    is_remote=True,
+                    trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+                )
+                return [trace.Link(context, {"session.resumed_from_seq": event.seq})]
+        return []
 
     async def _renew_lease(self, driver: asyncio.Task[Any]) -> None:
         """Keeps the lease alive; if it has moved to another brain, cancels the driver mid-step."""
@@ -349,7 +368,6 @@ class SessionRun:
         )
 
     async def _drive(self) -> None:
-        tracer = self._harness.tracer
         events = await self._refresh()
         if self.session.status in (events_pb2.SESSION_STATUS_RUNNING, events_pb2.SESSION_STATUS_RESCHEDULING):
             previous = self._previous_holder or "a brain"
@@ -365,27 +383,26 @@ class SessionRun:
         )
         steps = 0
         while True:
-            with tracer.start_as_current_span("brain.turn_step", attributes={"session.id": self.session_id}):
-                events = await self._refresh()
-                pending = unanswered_tool_uses(events)
-                if pending:
-                    await self._run_tools(pending)
-                    continue
-                if self._interrupted.is_set():
-                    await self._finish(events_pb2.STOP_REASON_INTERRUPTED)
+            events = await self._refresh()
+            pending = unanswered_tool_uses(events)
+            if pending:
+                await self._run_tools(pending)
+                continue
+            if self._interrupted.is_set():
+                await self._finish(events_pb2.STOP_REASON_INTERRUPTED)
+                return
+            if not needs_model(events):
+                if await self._finish(events_pb2.STOP_REASON_END_TURN):
                     return
-                if not needs_model(events):
-                    if await self._finish(events_pb2.STOP_REASON_END_TURN):
-                        return
-                    continue
-                if steps >= (self.session.agent.max_steps or self._config.max_steps):
-                    if await self._finish(events_pb2.STOP_REASON_MAX_STEPS):
-                        return
-                    continue
-                steps += 1
-                await self._call_model()
-                if self._done:
+                continue
+            if steps >= (self.session.agent.max_steps or self._config.max_steps):
+                if await self._finish(events_pb2.STOP_REASON_MAX_STEPS):
                     return
+                continue
+            steps += 1
+            await self._call_model()
+            if self._done:
+                return
 
     async def _finish(self, reason: int) -> bool:
         """Ends the turn; returns False if a user message arrived meanwhile and the turn goes on."""
@@ -435,9 +452,10 @@ class SessionRun:
         if tool_params:
             tool_params[-1]["cache_control"] = {"type": "ephemeral"}
         overhead = (len(str(system)) + len(str(tool_params))) // 4
-        context = self._harness.policy.build(
-            self._events, budget_tokens=config.context_budget_tokens, overhead_tokens=overhead
-        )
+        with self._harness.tracer.start_as_current_span("brain.context", attributes={"events": len(self._events)}):
+            context = self._harness.policy.build(
+                self._events, budget_tokens=config.context_budget_tokens, overhead_tokens=overhead
+            )
         for compaction in context.compactions:
             await self._emit(
                 events_pb2.Event(
@@ -631,8 +649,12 @@ class SessionRun:
                 continue
             with self._harness.tracer.start_as_current_span(
                 "brain.tool_call", attributes={"tool.name": use.name, "tool.use_id": use.id}
-            ):
+            ) as span:
                 result = await self._run_tool(use)
+                outcome = result.agent_tool_result
+                span.set_attribute("tool.is_error", outcome.is_error)
+                if outcome.execution.sandbox_id:
+                    span.set_attribute("sandbox.id", outcome.execution.sandbox_id)
             self._harness.failpoints.hit("brain.after_execute")
             await self._emit(result, key=f"result.{use.id}")
 

@@ -15,12 +15,15 @@ from collections.abc import Callable, Sequence
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
 from brain.client import BrainClient
 from managed_agents import events
 from managed_agents.follow import TurnFollower
 from managed_agents.local_mesh import LocalMesh, MeshAddresses, mesh_home
 from managed_agents.mesh.errors import MeshError, Unavailable
+from managed_agents.mesh.telemetry import build_tracer_provider
 from managed_agents.render import Renderer
 from managed_agents.v1 import brain_pb2, events_pb2
 from session_store.client import SessionStoreClient
@@ -145,9 +148,40 @@ async def _run_prompt(
     say: Callable[[str], None],
 ) -> int:
     renderer = Renderer.for_terminal(sys.stdout.isatty())
+    # With OTEL_EXPORTER_OTLP_ENDPOINT set, the turn's trace starts here, at the Wake this command sends.
+    provider = build_tracer_provider("managed-agents-cli", os.environ)
+    tracer = provider.get_tracer("managed-agents-cli") if provider else trace.NoOpTracer()
+    try:
+        with tracer.start_as_current_span("cli.run"):
+            return await _drive_turn(
+                store_address,
+                brain_address,
+                prompt,
+                title=title,
+                json_lines=json_lines,
+                say=say,
+                renderer=renderer,
+                tracer_provider=provider,
+            )
+    finally:
+        if provider is not None:
+            provider.shutdown()
+
+
+async def _drive_turn(
+    store_address: str,
+    brain_address: str,
+    prompt: str,
+    *,
+    title: str,
+    json_lines: bool,
+    say: Callable[[str], None],
+    renderer: Renderer,
+    tracer_provider: TracerProvider | None,
+) -> int:
     async with (
-        SessionStoreClient.connect(store_address) as store,
-        BrainClient.connect(brain_address) as brain,
+        SessionStoreClient.connect(store_address, tracer_provider=tracer_provider) as store,
+        BrainClient.connect(brain_address, tracer_provider=tracer_provider) as brain,
     ):
         session = await store.create_session(title=title or prompt[:80])
         say(f"session {session.id}")
