@@ -23,29 +23,21 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import aiosqlite
 
 from managed_agents.mesh.errors import (
-    IdempotencyKeyReused,
-    LeaseFenced,
-    LeaseHeld,
     MeshError,
-    SequenceMismatch,
     SessionAlreadyExists,
     SessionNotFound,
-    ShuttingDown,
-    Unavailable,
 )
-from managed_agents.mesh.ids import EVENT_PREFIX, new_id
-from session_store import wire
+from session_store import rules
+from session_store.group_commit import GroupCommitter
 from session_store.store import (
     AppendRequest,
     AppendResult,
-    Lease,
     SessionCursor,
     SessionRecord,
     SessionStatus,
@@ -98,123 +90,12 @@ CREATE TABLE IF NOT EXISTS idempotency (
 ) WITHOUT ROWID;
 """
 
-_SESSION_COLUMNS = (
-    "session_id, status, last_seq, create_time, update_time, lease_holder, lease_epoch, lease_expire, spec, log_bytes"
-)
 
-# Bounds on one group commit: enough to amortize a commit, small enough to keep latency flat.
-_MAX_GROUP_COMMANDS = 512
-_MAX_GROUP_BYTES = 32 * 1024 * 1024
 _MAX_CACHED_SESSIONS = 50_000
 
 
 def _now_us() -> int:
     return time.time_ns() // 1000
-
-
-class _Row:
-    """The writer's mutable copy of one sessions row."""
-
-    __slots__ = (
-        "create_time_us",
-        "dirty",
-        "epoch",
-        "expire_us",
-        "holder",
-        "last_seq",
-        "log_bytes",
-        "session_id",
-        "spec",
-        "status",
-        "update_time_us",
-    )
-
-    def __init__(self, values: Sequence[Any]) -> None:
-        (sid, status, last_seq, create, update, holder, epoch, expire, spec, log_bytes) = values
-        self.log_bytes = int(log_bytes)
-        self.session_id = str(sid)
-        self.status = SessionStatus(int(status))
-        self.last_seq = int(last_seq)
-        self.create_time_us = int(create)
-        self.update_time_us = int(update)
-        self.holder = str(holder)
-        self.epoch = int(epoch)
-        self.expire_us = int(expire)
-        self.spec = bytes(spec)
-        self.dirty = False
-
-    def record(self) -> SessionRecord:
-        return _record(
-            (
-                self.session_id,
-                int(self.status),
-                self.last_seq,
-                self.create_time_us,
-                self.update_time_us,
-                self.holder,
-                self.epoch,
-                self.expire_us,
-                self.spec,
-                self.log_bytes,
-            )
-        )
-
-
-def _record(values: Sequence[Any]) -> SessionRecord:
-    (sid, status, last_seq, create, update, holder, epoch, expire, spec, _) = values
-    return SessionRecord(
-        session_id=str(sid),
-        status=SessionStatus(int(status)),
-        last_seq=int(last_seq),
-        create_time_us=int(create),
-        update_time_us=int(update),
-        lease=Lease(holder=str(holder), epoch=int(epoch), expire_time_us=int(expire)),
-        spec=bytes(spec),
-    )
-
-
-# Commands the writer thread executes; each names the outcome it produces.
-@dataclass(frozen=True, slots=True)
-class _Create:
-    session_id: str
-    spec: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class _Append:
-    request: AppendRequest
-
-
-@dataclass(frozen=True, slots=True)
-class _Acquire:
-    session_id: str
-    holder: str
-    ttl_us: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Renew:
-    session_id: str
-    holder: str
-    epoch: int
-    ttl_us: int
-
-
-@dataclass(frozen=True, slots=True)
-class _Release:
-    session_id: str
-    holder: str
-    epoch: int
-
-
-_Command = _Create | _Append | _Acquire | _Renew | _Release
-
-
-@dataclass(slots=True)
-class _Queued:
-    command: _Command
-    future: asyncio.Future[object]
-    size: int = field(default=0)
 
 
 class _Writer:
@@ -227,18 +108,18 @@ class _Writer:
         self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.executescript(_SCHEMA)
         self._conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
         (version,) = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if int(version) != SCHEMA_VERSION:
             raise RuntimeError(f"{path} has schema version {version}; this store understands {SCHEMA_VERSION}")
-        self._cache: OrderedDict[str, _Row] = OrderedDict()
+        # The writer is the only one: rows it touched stay cached (last seq, status, lease).
+        self._cache: OrderedDict[str, rules.SessionRow] = OrderedDict()
 
     def close(self) -> None:
         self._conn.close()
 
-    def run(self, commands: Sequence[_Command]) -> list[object]:
+    def run(self, commands: Sequence[rules.Command]) -> list[object]:
         """Applies `commands` in one transaction; returns each one's result or `MeshError`."""
         now = _now_us()
         self._conn.execute("BEGIN IMMEDIATE")
@@ -256,48 +137,50 @@ class _Writer:
             self._cache.popitem(last=False)
         return results
 
-    def _apply(self, command: _Command, now: int) -> object:
+    def _apply(self, command: rules.Command, now: int) -> object:
         try:
+            if isinstance(command, rules.Create):
+                return self._create(command, now)
+            row = self._row(command.request.session_id if isinstance(command, rules.Append) else command.session_id)
             match command:
-                case _Create():
-                    return self._create(command, now)
-                case _Append():
-                    return self._append(command.request, now)
-                case _Acquire():
-                    return self._acquire(command, now)
-                case _Renew():
-                    return self._renew(command, now)
-                case _Release():
-                    return self._release(command)
+                case rules.Append():
+                    return self._append(row, command.request, now)
+                case rules.Acquire():
+                    rules.acquire(row, command.holder, command.ttl_us, now)
+                case rules.Renew():
+                    rules.renew(row, command.holder, command.epoch, command.ttl_us, now)
+                case rules.Release():
+                    rules.release(row, command.holder, command.epoch)
+            return row.record()
         except MeshError as error:
             return error
 
-    def _row(self, session_id: str) -> _Row:
+    def _row(self, session_id: str) -> rules.SessionRow:
         row = self._cache.get(session_id)
         if row is None:
             values = self._conn.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+                f"SELECT {rules.SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
             ).fetchone()
             if values is None:
                 raise SessionNotFound(f"session {session_id} does not exist")
-            row = _Row(values)
+            row = rules.SessionRow.from_values(values)
             self._cache[session_id] = row
         else:
             self._cache.move_to_end(session_id)
         return row
 
-    def _create(self, command: _Create, now: int) -> SessionRecord:
+    def _create(self, command: rules.Create, now: int) -> SessionRecord:
+        row = rules.SessionRow.new(command.session_id, command.spec, now)
         try:
             self._conn.execute(
-                f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, 0, ?, ?, '', 0, 0, ?, 0)",
-                (command.session_id, int(SessionStatus.IDLE), now, now, command.spec),
+                f"INSERT INTO sessions ({rules.SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row.values()
             )
         except sqlite3.IntegrityError:
             raise SessionAlreadyExists(f"session {command.session_id} already exists") from None
-        return self._row(command.session_id).record()
+        self._cache[row.session_id] = row
+        return row.record()
 
-    def _append(self, request: AppendRequest, now: int) -> AppendResult:
-        row = self._row(request.session_id)
+    def _append(self, row: rules.SessionRow, request: AppendRequest, now: int) -> AppendResult:
         if request.idempotency_key:
             earlier = self._conn.execute(
                 "SELECT digest, first_seq, count FROM idempotency WHERE session_id = ? AND key = ?",
@@ -305,62 +188,21 @@ class _Writer:
             ).fetchone()
             if earlier is not None:
                 digest, first_seq, count = earlier
-                if bytes(digest) != request.request_digest:
-                    raise IdempotencyKeyReused(
-                        f"idempotency key {request.idempotency_key!r} was already used in session "
-                        f"{request.session_id} for a different request; use a new key for a new append"
-                    )
+                rules.check_replay(request, bytes(digest))
                 return AppendResult(events=tuple(self._events(row.session_id, first_seq, count)), replayed=True)
-        if request.lease_epoch and request.lease_epoch != row.epoch:
-            raise LeaseFenced(
-                f"lease epoch {request.lease_epoch} is stale: session {row.session_id} is at epoch "
-                f"{row.epoch}"
-                f" (holder {row.holder or 'none'}); this writer no longer owns the session",
-                metadata={"epoch": str(row.epoch), "holder": row.holder},
-            )
-        if request.expected_seq is not None and request.expected_seq != row.last_seq + 1:
-            raise SequenceMismatch(
-                f"expected_seq {request.expected_seq} does not match: the next event of session "
-                f"{row.session_id} would be {row.last_seq + 1}",
-                metadata={"last_seq": str(row.last_seq)},
-            )
-        stored, rows, log_bytes = [], [], row.log_bytes
-        for offset, event in enumerate(request.events, start=1):
-            seq, event_id = row.last_seq + offset, new_id(EVENT_PREFIX)
-            body = wire.event_bytes(
-                event.body,
-                event_id=event_id,
-                session_id=row.session_id,
-                seq=seq,
-                type=event.type,
-                create_time_us=now,
-            )
-            log_bytes += len(body)
-            stored.append(StoredEvent(row.session_id, seq, event_id, event.type, now, body))
-            rows.append((row.session_id, seq, log_bytes, event_id, event.type, now, body))
+        rules.check_guards(row, request)
+        stored = rules.append_events(row, request, now)
         self._conn.executemany(
             "INSERT INTO events (session_id, seq, end_offset, event_id, type, create_time, body) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            rows,
+            [(e.session_id, e.seq, end, e.event_id, e.type, e.create_time_us, e.body) for e, end in stored],
         )
         if request.idempotency_key:
             self._conn.execute(
                 "INSERT INTO idempotency (session_id, key, digest, first_seq, count) VALUES (?, ?, ?, ?, ?)",
-                (
-                    row.session_id,
-                    request.idempotency_key,
-                    request.request_digest,
-                    stored[0].seq,
-                    len(stored),
-                ),
+                (row.session_id, request.idempotency_key, request.request_digest, stored[0][0].seq, len(stored)),
             )
-        row.last_seq += len(stored)
-        row.log_bytes = log_bytes
-        for event in request.events:
-            if event.status is not None:
-                row.status = event.status
-        row.dirty = True
-        return AppendResult(events=tuple(stored))
+        return AppendResult(events=tuple(e for e, _ in stored))
 
     def _events(self, session_id: str, first_seq: int, count: int) -> list[StoredEvent]:
         rows = self._conn.execute(
@@ -369,50 +211,6 @@ class _Writer:
             (session_id, first_seq, first_seq + count),
         ).fetchall()
         return [StoredEvent(session_id, seq, eid, typ, ct, bytes(body)) for seq, eid, typ, ct, body in rows]
-
-    def _acquire(self, command: _Acquire, now: int) -> SessionRecord:
-        row = self._row(command.session_id)
-        if row.holder and row.expire_us > now:
-            if row.holder != command.holder:
-                raise LeaseHeld(
-                    f"session {row.session_id} is leased to {row.holder} (epoch {row.epoch}) for another "
-                    f"{(row.expire_us - now) / 1e6:.1f} s",
-                    metadata={
-                        "holder": row.holder,
-                        "epoch": str(row.epoch),
-                        "expire_time_us": str(row.expire_us),
-                    },
-                )
-        else:
-            # Expired or released: whoever takes it now fences every earlier writer.
-            row.epoch += 1
-            row.holder = command.holder
-        row.expire_us = now + command.ttl_us
-        row.dirty = True
-        return row.record()
-
-    def _check_holder(self, row: _Row, holder: str, epoch: int) -> None:
-        if row.holder != holder or row.epoch != epoch:
-            raise LeaseFenced(
-                f"lease of session {row.session_id} moved on: it is at epoch {row.epoch} held by "
-                f"{row.holder or 'nobody'}, not epoch {epoch} held by {holder}",
-                metadata={"epoch": str(row.epoch), "holder": row.holder},
-            )
-
-    def _renew(self, command: _Renew, now: int) -> SessionRecord:
-        row = self._row(command.session_id)
-        self._check_holder(row, command.holder, command.epoch)
-        row.expire_us = now + command.ttl_us
-        row.dirty = True
-        return row.record()
-
-    def _release(self, command: _Release) -> SessionRecord:
-        row = self._row(command.session_id)
-        self._check_holder(row, command.holder, command.epoch)
-        row.holder = ""
-        row.expire_us = 0
-        row.dirty = True
-        return row.record()
 
     def _flush(self, now: int) -> None:
         dirty = [row for row in self._cache.values() if row.dirty]
@@ -463,10 +261,9 @@ class SqliteEventStore:
         for reader in readers:
             self._readers.put_nowait(reader)
         self._lock_fd = lock_fd
-        self._queue: asyncio.Queue[_Queued | None] = asyncio.Queue()
         self._tail = Tail()
         self._closing = False
-        self._writer_task = asyncio.create_task(self._write_loop(), name="sqlite-group-commit")
+        self._commits = GroupCommitter(self._run_group, on_committed=self._committed)
 
     @classmethod
     async def open(cls, data_dir: Path, *, synchronous: Synchronous = "normal", readers: int = 2) -> SqliteEventStore:
@@ -495,71 +292,35 @@ class SqliteEventStore:
 
     # Writes ------------------------------------------------------------------------------------------------
 
-    async def _submit(self, command: _Command, size: int = 0) -> object:
-        if self._closing:
-            raise ShuttingDown("the session store is shutting down; retry against another replica or later")
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Queued(command, future, size))
-        # Shielded: a caller that gives up (deadline, disconnect) must not cancel a commit others share.
-        result = await asyncio.shield(future)
-        if isinstance(result, MeshError):
-            raise result
-        return result
+    def _committed(self, result: object) -> None:
+        if isinstance(result, AppendResult) and not result.replayed:
+            self._tail.publish(result.events[0].session_id, result.events)
 
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            first = await self._queue.get()
-            if first is None:
-                return
-            group, size, stop = [first], first.size, False
-            while len(group) < _MAX_GROUP_COMMANDS and size < _MAX_GROUP_BYTES and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    stop = True
-                    break
-                group.append(item)
-                size += item.size
-            try:
-                results = await loop.run_in_executor(self._executor, self._writer.run, [q.command for q in group])
-            except Exception as exc:
-                log.exception("commit of %d commands failed", len(group))
-                error = Unavailable(f"the session store could not commit ({exc}); nothing was written, retry")
-                for queued in group:
-                    if not queued.future.done():
-                        queued.future.set_result(error)
-            else:
-                for queued, result in zip(group, results, strict=True):
-                    if isinstance(result, AppendResult) and not result.replayed:
-                        self._tail.publish(result.events[0].session_id, result.events)
-                    if not queued.future.done():
-                        queued.future.set_result(result)
-            if stop:
-                return
+    async def _run_group(self, commands: list[rules.Command]) -> list[object]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._writer.run, commands)
 
     async def create_session(self, session_id: str, *, spec: bytes) -> SessionRecord:
-        result = await self._submit(_Create(session_id, spec), len(spec))
+        result = await self._commits.submit(rules.Create(session_id, spec), len(spec))
         assert isinstance(result, SessionRecord)
         return result
 
     async def append(self, request: AppendRequest) -> AppendResult:
-        size = sum(len(e.body) for e in request.events)
-        result = await self._submit(_Append(request), size)
+        result = await self._commits.submit(rules.Append(request), sum(len(e.body) for e in request.events))
         assert isinstance(result, AppendResult)
         return result
 
     async def acquire_lease(self, session_id: str, *, holder: str, ttl_us: int) -> SessionRecord:
-        result = await self._submit(_Acquire(session_id, holder, ttl_us))
+        result = await self._commits.submit(rules.Acquire(session_id, holder, ttl_us))
         assert isinstance(result, SessionRecord)
         return result
 
     async def renew_lease(self, session_id: str, *, holder: str, epoch: int, ttl_us: int) -> SessionRecord:
-        result = await self._submit(_Renew(session_id, holder, epoch, ttl_us))
+        result = await self._commits.submit(rules.Renew(session_id, holder, epoch, ttl_us))
         assert isinstance(result, SessionRecord)
         return result
 
     async def release_lease(self, session_id: str, *, holder: str, epoch: int) -> SessionRecord:
-        result = await self._submit(_Release(session_id, holder, epoch))
+        result = await self._commits.submit(rules.Release(session_id, holder, epoch))
         assert isinstance(result, SessionRecord)
         return result
 
@@ -576,12 +337,12 @@ class SqliteEventStore:
     async def get_session(self, session_id: str) -> SessionRecord:
         async with self._reader() as conn:
             rows = await conn.execute_fetchall(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+                f"SELECT {rules.SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
             )
         rows = list(rows)
         if not rows:
             raise SessionNotFound(f"session {session_id} does not exist")
-        return _record(rows[0])
+        return rules.record_from_values(rows[0])
 
     async def list_sessions(
         self,
@@ -602,14 +363,14 @@ class SqliteEventStore:
         if after is not None:
             where.append("(create_time < ? OR (create_time = ? AND session_id < ?))")
             params += [after.create_time_us, after.create_time_us, after.session_id]
-        sql = f"SELECT {_SESSION_COLUMNS} FROM sessions"
+        sql = f"SELECT {rules.SESSION_COLUMNS} FROM sessions"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY create_time DESC, session_id DESC LIMIT ?"
         params.append(limit)
         async with self._reader() as conn:
             rows = await conn.execute_fetchall(sql, params)
-        return [_record(r) for r in rows]
+        return [rules.record_from_values(r) for r in rows]
 
     async def read_events(
         self, session_id: str, *, after_seq: int, until_seq: int, limit: int, max_bytes: int
@@ -642,8 +403,7 @@ class SqliteEventStore:
             return
         self._closing = True
         self._tail.close()
-        self._queue.put_nowait(None)
-        await self._writer_task
+        await self._commits.aclose()
         for conn in self._all_readers:
             await conn.close()
         await asyncio.get_running_loop().run_in_executor(self._executor, self._writer.close)
