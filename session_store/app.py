@@ -8,14 +8,17 @@ from opentelemetry.sdk.trace import TracerProvider
 from managed_agents.mesh.server import MeshServer, Service
 from managed_agents.v1 import session_pb2_grpc
 from session_store.config import StoreConfig
+from session_store.postgres import PostgresEventStore, is_postgres_url
 from session_store.server import SERVICE_NAME, SessionServicer
 from session_store.sqlite import SqliteEventStore
+
+Backend = SqliteEventStore | PostgresEventStore
 
 
 class StoreServer:
     """A session store that is serving; `aclose()` stops it gracefully."""
 
-    def __init__(self, server: MeshServer, store: SqliteEventStore) -> None:
+    def __init__(self, server: MeshServer, store: Backend) -> None:
         self.server = server
         self.store = store
 
@@ -30,7 +33,7 @@ class StoreServer:
         await self.store.aclose()
 
 
-def build(config: StoreConfig, store: SqliteEventStore, tracer_provider: TracerProvider | None) -> MeshServer:
+def build(config: StoreConfig, store: Backend, tracer_provider: TracerProvider | None) -> MeshServer:
     """A (not yet started) server for `store`."""
     servicer = SessionServicer(store)
 
@@ -48,7 +51,13 @@ def build(config: StoreConfig, store: SqliteEventStore, tracer_provider: TracerP
 
 async def start(config: StoreConfig, tracer_provider: TracerProvider | None) -> StoreServer:
     """Opens the database and starts serving."""
-    store = await SqliteEventStore.open(config.data_dir, synchronous=config.synchronous)
+    store: Backend
+    if config.store_url:
+        if not is_postgres_url(config.store_url):
+            raise RuntimeError("--store-url must be a postgresql:// URL")
+        store = await PostgresEventStore.open(config.store_url)
+    else:
+        store = await SqliteEventStore.open(config.data_dir, synchronous=config.synchronous)
     try:
         server = build(config, store, tracer_provider)
         await server.start()

@@ -19,6 +19,7 @@ class StoreConfig:
 
     listen: str = "127.0.0.1:7301"
     data_dir: Path = Path(".managed-agents/store")
+    store_url: str = ""
     synchronous: Synchronous = "normal"
     port_file: Path | None = None
     grace_seconds: float = 10.0
@@ -53,6 +54,16 @@ class StoreConfig:
             default=defaults.data_dir,
             type=Path,
             help="directory of the SQLite database (created if missing, locked while in use)",
+        )
+        add_flag(
+            parser,
+            "--store-url",
+            env="SESSION_STORE_URL",
+            environ=environ,
+            default="",
+            help="postgresql://user:password@host:port/db to keep the log in PostgreSQL, shared by any number of "
+            "store servers, instead of SQLite in --data-dir (apply the schema first: `python -m session_store "
+            "migrate --store-url URL`)",
         )
         add_flag(
             parser,
@@ -100,6 +111,7 @@ class StoreConfig:
         return cls(
             listen=args.listen,
             data_dir=args.data_dir,
+            store_url=args.store_url,
             synchronous=cast(Synchronous, args.sync),
             port_file=args.port_file,
             grace_seconds=args.grace,

@@ -55,6 +55,18 @@ class Tail:
                 sub.pending.extend(events)
             sub.signal.set()
 
+    def resync(self, session_id: str) -> None:
+        """Makes the session's watchers re-read from the database (when live events may have been missed)."""
+        for sub in self._subscribers.get(session_id, ()):
+            sub.overflowed = True
+            sub.pending.clear()
+            sub.signal.set()
+
+    def resync_all(self) -> None:
+        """Makes every watcher re-read from the database."""
+        for session_id in list(self._subscribers):
+            self.resync(session_id)
+
     def close(self) -> None:
         """Ends every watch with `ShuttingDown`."""
         self._closed = True
