@@ -7,9 +7,11 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from brain.config import BrainConfig, default_holder
 from brain.context import ClearThenSummarize
+from brain.hands_router import HandsRouter
 from brain.harness import Harness, HarnessConfig
 from brain.model import AnthropicModel, ModelClient
 from brain.server import SERVICE_NAME, BrainServicer
+from hands.client import HandsClient
 from managed_agents.mesh.errors import SandboxUnavailable
 from managed_agents.mesh.failpoints import Failpoints
 from managed_agents.mesh.server import MeshServer, Service
@@ -85,10 +87,12 @@ async def start(
             )
         model = AnthropicModel(api_key=config.api_key, base_url=config.base_url or None)
     store = SessionStoreClient.connect(config.store, tracer_provider=tracer_provider)
-    if config.hands:
-        from hands.client import HandsClient
-
-        hands: HandsClient | NoHands = HandsClient.connect(config.hands, tracer_provider=tracer_provider)
+    hands: HandsRouter | HandsClient | NoHands
+    addresses = [a.strip() for a in config.hands.split(",") if a.strip()]
+    if len(addresses) > 1:
+        hands = HandsRouter([HandsClient.connect(a, tracer_provider=tracer_provider) for a in addresses])
+    elif addresses:
+        hands = HandsClient.connect(addresses[0], tracer_provider=tracer_provider)
     else:
         hands = NoHands()
     tracer = tracer_provider.get_tracer("brain") if tracer_provider else None

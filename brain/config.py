@@ -65,8 +65,20 @@ class BrainConfig:
             "host:port to serve on; port 0 picks a free port",
             type=parse_listen,
         )
-        flag("--store", "BRAIN_STORE", d.store, "session store address (host:port)")
-        flag("--hands", "BRAIN_HANDS", d.hands, "hands address (host:port); empty offers no sandbox tools")
+        flag(
+            "--store",
+            "BRAIN_STORE",
+            d.store,
+            "session store address (host:port), or several store servers sharing one PostgreSQL log separated by "
+            "commas (calls are spread round robin over those that are up)",
+        )
+        flag(
+            "--hands",
+            "BRAIN_HANDS",
+            d.hands,
+            "hands address (host:port), or several separated by commas (new sandboxes go to the least loaded); "
+            "empty offers no sandbox tools",
+        )
         flag("--model", "BRAIN_MODEL", d.model, "model for sessions that do not name one")
         flag("--max-tokens", "BRAIN_MAX_TOKENS", d.max_tokens, "max_tokens of each model call", type=int)
         flag(

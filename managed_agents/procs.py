@@ -27,7 +27,7 @@ class ServiceProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
 
-    def start(self, timeout: float = 30.0) -> ServiceProcess:
+    def start(self, timeout: float = 30.0, *, listen: str = "127.0.0.1:0") -> ServiceProcess:
         """Starts the process and waits until it serves; raises with its log if it dies or hangs."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)
@@ -38,7 +38,7 @@ class ServiceProcess:
                     "-m",
                     self.module,
                     "--listen",
-                    "127.0.0.1:0",
+                    listen,
                     "--port-file",
                     str(self.port_file),
                     *self.args,
@@ -59,6 +59,10 @@ class ServiceProcess:
             time.sleep(0.02)
         self.address = self.port_file.read_text().strip()
         return self
+
+    def restart(self, timeout: float = 30.0) -> ServiceProcess:
+        """Starts the process again on the address it had (after it died or was killed)."""
+        return self.start(timeout, listen=self.address)
 
     @property
     def pid(self) -> int:

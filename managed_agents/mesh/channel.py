@@ -13,11 +13,15 @@ from opentelemetry.sdk.trace import TracerProvider
 MIB = 1024 * 1024
 
 
-def _service_config(retry_methods: Sequence[tuple[str, str]]) -> str:
+def _service_config(retry_methods: Sequence[tuple[str, str]], *, balanced: bool) -> str:
+    config: dict[str, object] = {}
+    if balanced:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
     if not retry_methods:
-        return json.dumps({})
+        return json.dumps(config)
     return json.dumps(
         {
+            **config,
             "methodConfig": [
                 {
                     "name": [{"service": service, "method": method} for service, method in retry_methods],
@@ -29,7 +33,7 @@ def _service_config(retry_methods: Sequence[tuple[str, str]]) -> str:
                         "retryableStatusCodes": ["UNAVAILABLE"],
                     },
                 }
-            ]
+            ],
         }
     )
 
@@ -43,9 +47,14 @@ def dial(
 ) -> grpc.aio.Channel:
     """An insecure `grpc.aio` channel to `target` (`host:port`).
 
-    `retry_methods` lists (full service name, method) pairs that are safe to retry on UNAVAILABLE. Calls are
-    traced (and carry `traceparent`) only when a tracer provider is given.
+    `target` may list several `host:port` separated by commas (replicas of one service, e.g. store servers
+    sharing a PostgreSQL log): calls are spread round robin over the replicas that are up. `retry_methods`
+    lists (full service name, method) pairs that are safe to retry on UNAVAILABLE. Calls are traced (and carry
+    `traceparent`) only when a tracer provider is given.
     """
+    balanced = "," in target
+    if balanced:
+        target = "ipv4:" + target
     return grpc.aio.insecure_channel(
         target,
         interceptors=aio_client_interceptors(tracer_provider=tracer_provider) if tracer_provider else None,
@@ -53,7 +62,7 @@ def dial(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.enable_retries", 1),
-            ("grpc.service_config", _service_config(retry_methods)),
+            ("grpc.service_config", _service_config(retry_methods, balanced=balanced)),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
         ],

@@ -20,7 +20,8 @@ class Step:
     `content` holds Messages API blocks (`{"type": "text", "text": ...}`, `{"type": "tool_use", "name": ...,
     "input": {...}}`; tool_use ids are generated). In text, `{last_tool_result}` is replaced by the text of
     the
-    newest tool result in the request and `{last_user_message}` by the newest user text. `fail` lists HTTP
+    newest tool result in the request and `{last_user_message}` by the newest user text; in tool inputs,
+    `{tool_use_id}` is replaced by the id given to that call. `fail` lists HTTP
     statuses (429, 500, 529, or 0 for a garbled 200) returned, in order, before the step succeeds; `garbage`
     makes every answer to this step a garbled 200.
     """

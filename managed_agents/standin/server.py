@@ -28,6 +28,17 @@ _ERRORS = {
 }
 
 
+def _fill(value: Any, placeholder: str, replacement: str) -> Any:
+    """`value` with `placeholder` replaced in every string inside it."""
+    if isinstance(value, str):
+        return value.replace(placeholder, replacement)
+    if isinstance(value, list):
+        return [_fill(v, placeholder, replacement) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, placeholder, replacement) for k, v in value.items()}
+    return value
+
+
 def _texts(blocks: Any) -> list[str]:
     if isinstance(blocks, str):
         return [blocks]
@@ -122,12 +133,13 @@ class Standin:
                 value = block["text"].replace("{last_tool_result}", tail).replace("{last_user_message}", last_user)
                 blocks.append({"type": "text", "text": value})
             elif block["type"] == "tool_use":
+                tool_use_id = f"toolu_{uuid.uuid4().hex[:24]}"
                 blocks.append(
                     {
                         "type": "tool_use",
-                        "id": f"toolu_{uuid.uuid4().hex[:24]}",
+                        "id": tool_use_id,
                         "name": block["name"],
-                        "input": block["input"],
+                        "input": _fill(block["input"], "{tool_use_id}", tool_use_id),
                     }
                 )
             else:
