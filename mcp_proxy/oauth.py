@@ -167,7 +167,7 @@ class AccessTokens:
         )
         try:
             await self._vault.update_tokens(
-                spec.name,
+                record,
                 token=grant.access_token,
                 refresh_token=grant.refresh_token or secret.refresh_token,
                 token_ttl_us=int(grant.expires_in * 1_000_000),

@@ -11,6 +11,7 @@ transaction, after which the old key opens nothing.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import enum
@@ -306,9 +307,13 @@ class Vault(Protocol):
         ...
 
     async def update_tokens(
-        self, name: str, *, token: str, refresh_token: str, token_ttl_us: int
+        self, record: CredentialRecord, *, token: str, refresh_token: str, token_ttl_us: int
     ) -> CredentialRecord:
-        """Replaces the access and refresh tokens (after a refresh), keeping the rest of the secret."""
+        """Replaces the access and refresh tokens after a refresh that started from `record`.
+
+        Raises:
+            CredentialNotFound: the credential was deleted or replaced since `record` (the newer put wins).
+        """
         ...
 
     async def aclose(self) -> None:
@@ -397,13 +402,32 @@ def _record(row: Sequence[object]) -> CredentialRecord:
     )
 
 
-class SqliteVault:
-    """`Vault` in `DATA_DIR/vault.sqlite3`, sealed with one key; the data directory is locked while open."""
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """A credential row as held in memory: metadata and the still-sealed secret."""
 
-    def __init__(self, conn: aiosqlite.Connection, key: VaultKey, lock_fd: int) -> None:
+    record: CredentialRecord
+    key_id: str
+    sealed: bytes = field(repr=False)
+
+
+class SqliteVault:
+    """`Vault` in `DATA_DIR/vault.sqlite3`, sealed with one key; the data directory is locked while open.
+
+    Every row is also held in memory, still sealed (a secret is opened only for the use that needs it), so
+    the per-call lookups of the proxy cost no database round trip. That is sound because this object is the
+    only writer: the data directory lock keeps any other process out, and every write updates both.
+    """
+
+    def __init__(
+        self, conn: aiosqlite.Connection, key: VaultKey, lock_fd: int, entries: dict[str, _Entry]
+    ) -> None:
         self._conn = conn
         self._key = key
         self._lock_fd = lock_fd
+        self._entries = entries
+        # Writes run one at a time, so the database and the in-memory rows change together.
+        self._writing = asyncio.Lock()
 
     @classmethod
     async def open(cls, data_dir: Path, key: VaultKey) -> SqliteVault:
@@ -414,105 +438,105 @@ class SqliteVault:
             conn = await _connect(path)
             try:
                 await _check_key(conn, key, path)
+                async with conn.execute(f"SELECT {_RECORD_COLUMNS} FROM credentials") as cursor:
+                    rows = await cursor.fetchall()
             except BaseException:
                 await conn.close()
                 raise
         except BaseException:
             os.close(lock_fd)
             raise
-        return cls(conn, key, lock_fd)
+        entries = {str(row[0]): _Entry(_record(tuple(row)), str(row[3]), bytes(row[4])) for row in rows}
+        return cls(conn, key, lock_fd, entries)
 
     async def aclose(self) -> None:
         """Closes the database and releases the data directory."""
         await self._conn.close()
         os.close(self._lock_fd)
 
-    async def _row(self, name: str) -> Sequence[object]:
-        async with self._conn.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM credentials WHERE name = ?", (name,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
             raise CredentialNotFound(f"no credential is named {name!r}; PutCredential stores one")
-        return tuple(row)
+        return entry
 
     async def put(self, spec: CredentialSpec, secret: Secret, *, token_ttl_us: int) -> CredentialRecord:
+        async with self._writing:
+            return await self._put(spec, secret, token_ttl_us=token_ttl_us)
+
+    async def _put(self, spec: CredentialSpec, secret: Secret, *, token_ttl_us: int) -> CredentialRecord:
         now = _now_us()
-        sealed = seal(self._key, spec, secret)
-        # One statement, so the row is either wholly old or wholly new; the creation time survives a replace.
+        old = self._entries.get(spec.name)
+        record = CredentialRecord(
+            spec=spec,
+            create_time_us=old.record.create_time_us if old else now,
+            update_time_us=now,
+            expire_time_us=_expire_us(now, token_ttl_us),
+        )
+        entry = _Entry(record, self._key.key_id, seal(self._key, spec, secret))
+        # One statement, so the row is either wholly old or wholly new.
         await self._conn.execute(
-            "INSERT INTO credentials "
-            "(name, kind, spec, key_id, sealed, create_time, update_time, expire_time) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, "
-            "spec = excluded.spec, key_id = excluded.key_id, sealed = excluded.sealed, "
-            "update_time = excluded.update_time, expire_time = excluded.expire_time",
+            f"INSERT OR REPLACE INTO credentials ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 spec.name,
                 int(spec.kind),
                 spec.to_json(),
-                self._key.key_id,
-                sealed,
-                now,
-                now,
-                _expire_us(now, token_ttl_us),
+                entry.key_id,
+                entry.sealed,
+                record.create_time_us,
+                record.update_time_us,
+                record.expire_time_us,
             ),
         )
-        return await self.get(spec.name)
+        self._entries[spec.name] = entry
+        return record
 
     async def get(self, name: str) -> CredentialRecord:
-        return _record(await self._row(name))
+        return self._entry(name).record
 
     async def list(self, *, after: str, limit: int) -> list[CredentialRecord]:
-        async with self._conn.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM credentials WHERE name > ? ORDER BY name LIMIT ?", (after, limit)
-        ) as cursor:
-            rows = await cursor.fetchall()
-        return [_record(tuple(row)) for row in rows]
+        names = sorted(name for name in self._entries if name > after)[:limit]
+        return [self._entries[name].record for name in names]
 
     async def delete(self, name: str) -> bool:
-        cursor = await self._conn.execute("DELETE FROM credentials WHERE name = ?", (name,))
-        existed = cursor.rowcount > 0
-        await cursor.close()
-        return existed
+        async with self._writing:
+            if name not in self._entries:
+                return False
+            await self._conn.execute("DELETE FROM credentials WHERE name = ?", (name,))
+            del self._entries[name]
+            return True
 
     async def secret(self, name: str) -> tuple[CredentialRecord, Secret]:
-        row = await self._row(name)
-        record = _record(row)
-        key_id = str(row[3])
-        if key_id != self._key.key_id:
+        entry = self._entry(name)
+        if entry.key_id != self._key.key_id:
             raise Internal(
-                f"credential {name!r} was sealed with key id {key_id}, not the current key "
+                f"credential {name!r} was sealed with key id {entry.key_id}, not the current key "
                 f"{self._key.key_id}; finish the key rotation (`python -m mcp_proxy rotate-key`)"
             )
-        sealed = row[4]
-        assert isinstance(sealed, bytes)
-        return record, open_sealed(self._key, record.spec, sealed)
+        return entry.record, open_sealed(self._key, entry.record.spec, entry.sealed)
 
     async def update_tokens(
-        self, name: str, *, token: str, refresh_token: str, token_ttl_us: int
+        self, record: CredentialRecord, *, token: str, refresh_token: str, token_ttl_us: int
     ) -> CredentialRecord:
-        record, old = await self.secret(name)
-        now = _now_us()
-        new = Secret(token=token, refresh_token=refresh_token, client_secret=old.client_secret)
-        cursor = await self._conn.execute(
-            "UPDATE credentials SET sealed = ?, key_id = ?, update_time = ?, expire_time = ? "
-            "WHERE name = ? AND spec = ? AND kind = ?",
-            (
-                seal(self._key, record.spec, new),
-                self._key.key_id,
-                now,
-                _expire_us(now, token_ttl_us),
-                name,
-                record.spec.to_json(),
-                int(record.spec.kind),
-            ),
-        )
-        updated = cursor.rowcount
-        await cursor.close()
-        if not updated:
-            # Deleted or replaced while the refresh was in flight: the newer put wins, the refresh is dropped.
-            raise CredentialNotFound(f"credential {name!r} was deleted or replaced during a token refresh")
-        return await self.get(name)
+        name = record.spec.name
+        async with self._writing:
+            current = self._entries.get(name)
+            if current is None or current.record != record:
+                raise CredentialNotFound(
+                    f"credential {name!r} was deleted or replaced during a token refresh"
+                )
+            _, old = await self.secret(name)
+            now = _now_us()
+            new = Secret(token=token, refresh_token=refresh_token, client_secret=old.client_secret)
+            updated = CredentialRecord(record.spec, record.create_time_us, now, _expire_us(now, token_ttl_us))
+            entry = _Entry(updated, self._key.key_id, seal(self._key, record.spec, new))
+            await self._conn.execute(
+                "UPDATE credentials SET sealed = ?, key_id = ?, update_time = ?, expire_time = ? "
+                "WHERE name = ?",
+                (entry.sealed, entry.key_id, updated.update_time_us, updated.expire_time_us, name),
+            )
+            self._entries[name] = entry
+            return updated
 
 
 def rotate_key(data_dir: Path, old: VaultKey, new: VaultKey) -> int:
