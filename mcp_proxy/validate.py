@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,11 +32,13 @@ DEFAULT_PAGE, MAX_PAGE = 100, 1000
 
 _NAME = re.compile(r"[a-z0-9_-]{1,64}")
 _LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_KINDS = {
-    mcp_proxy_pb2.CREDENTIAL_KIND_MCP_OAUTH: CredentialKind.MCP_OAUTH,
-    mcp_proxy_pb2.CREDENTIAL_KIND_GIT_TOKEN: CredentialKind.GIT_TOKEN,
-    mcp_proxy_pb2.CREDENTIAL_KIND_API_KEY: CredentialKind.API_KEY,
-}
+_KINDS = MappingProxyType(
+    {
+        mcp_proxy_pb2.CREDENTIAL_KIND_MCP_OAUTH: CredentialKind.MCP_OAUTH,
+        mcp_proxy_pb2.CREDENTIAL_KIND_GIT_TOKEN: CredentialKind.GIT_TOKEN,
+        mcp_proxy_pb2.CREDENTIAL_KIND_API_KEY: CredentialKind.API_KEY,
+    }
+)
 
 
 def credential_name(value: str, field: str = "name") -> str:
