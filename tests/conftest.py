@@ -23,10 +23,15 @@ from hands.client import HandsClient
 from hands.config import HandsConfig
 from managed_agents.standin.script import Script
 from managed_agents.standin.server import StandinServer
+from mcp_proxy import app as proxy_app
+from mcp_proxy.client import McpProxyClient
+from mcp_proxy.config import ProxyConfig
+from mcp_proxy.vault import VaultKey
 from session_store import app
 from session_store.client import SessionStoreClient
 from session_store.config import StoreConfig
 from tests.helpers import ServiceProcess
+from tests.mcp_proxy.servers import Upstream
 
 
 @pytest.fixture
@@ -187,3 +192,36 @@ async def postgres_url(postgres_server: str) -> AsyncIterator[str]:
     """A fresh database with the store's schema applied."""
     async with fresh_database(postgres_server) as url:
         yield url
+
+
+# The MCP proxy ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vault_key() -> VaultKey:
+    """A fresh random vault key."""
+    return VaultKey.generate()
+
+
+@pytest.fixture
+async def proxy_server(tmp_path: Path, vault_key: VaultKey) -> AsyncIterator[proxy_app.ProxyServer]:
+    """An mcp_proxy served in this process, tracing off, assembled as `python -m mcp_proxy` does."""
+    config = ProxyConfig(listen="127.0.0.1:0", data_dir=tmp_path / "proxy")
+    server = await proxy_app.start(config, vault_key, None)
+    yield server
+    await server.aclose(grace=1.0)
+
+
+@pytest.fixture
+async def proxy(proxy_server: proxy_app.ProxyServer) -> AsyncIterator[McpProxyClient]:
+    """A client connected to `proxy_server` over loopback gRPC."""
+    async with McpProxyClient.connect(proxy_server.address) as client:
+        yield client
+
+
+@pytest.fixture
+async def mcp_upstream() -> AsyncIterator[Upstream]:
+    """A real MCP server (`mcp` SDK, streamable HTTP) demanding a bearer token, plus its token endpoint."""
+    upstream = await Upstream().start()
+    yield upstream
+    await upstream.stop()

@@ -1,0 +1,154 @@
+"""Typed async client of the vault and the MCP proxy, for the brain, the CLI and the tests.
+
+Methods return the contract's protobuf messages and raise `MeshError` subclasses (e.g. `TokenInvalid`,
+`NotGranted`, `CredentialNotFound`) rather than raw gRPC errors. Upstream failures of `call_tool` are not
+errors: they come back as a response with `is_error` set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import grpc
+from google.protobuf import duration_pb2, struct_pb2
+from opentelemetry.sdk.trace import TracerProvider
+
+from managed_agents.mesh.calls import translated_errors
+from managed_agents.mesh.channel import dial
+from managed_agents.v1 import mcp_proxy_pb2, mcp_proxy_pb2_grpc, sandbox_pb2
+
+# Named from the descriptor rather than imported from `mcp_proxy.server`, which would pull the MCP SDK (a
+# second of imports) into every process that only wants to call the proxy.
+VAULT_SERVICE_NAME = mcp_proxy_pb2.DESCRIPTOR.services_by_name["VaultService"].full_name
+PROXY_SERVICE_NAME = mcp_proxy_pb2.DESCRIPTOR.services_by_name["McpProxyService"].full_name
+# Reads are safe to repeat; the channel retries them when the proxy is briefly unavailable. CallTool is not:
+# an upstream tool may have run.
+_RETRIED = [(VAULT_SERVICE_NAME, "ListCredentials"), (PROXY_SERVICE_NAME, "ListTools")]
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+class McpProxyClient:
+    """Client of `managed_agents.v1.VaultService` and `managed_agents.v1.McpProxyService`."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, owns_channel: bool = False) -> None:
+        self._channel = channel
+        self._owns_channel = owns_channel
+        self._vault = mcp_proxy_pb2_grpc.VaultServiceStub(channel)
+        self._proxy = mcp_proxy_pb2_grpc.McpProxyServiceStub(channel)
+
+    @classmethod
+    def connect(cls, target: str, *, tracer_provider: TracerProvider | None = None) -> McpProxyClient:
+        """A client with its own channel to `target`; close it with `aclose()`."""
+        return cls(dial(target, tracer_provider=tracer_provider, retry_methods=_RETRIED), owns_channel=True)
+
+    async def aclose(self) -> None:
+        """Closes the channel if this client opened it."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def __aenter__(self) -> McpProxyClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    # Vault -------------------------------------------------------------------------------------------------
+
+    async def put_credential(
+        self, credential: mcp_proxy_pb2.Credential, secret: mcp_proxy_pb2.CredentialSecret
+    ) -> mcp_proxy_pb2.Credential:
+        """Stores (or replaces) a credential; returns its stored metadata."""
+        with translated_errors():
+            response: mcp_proxy_pb2.PutCredentialResponse = await self._vault.PutCredential(
+                mcp_proxy_pb2.PutCredentialRequest(credential=credential, secret=secret)
+            )
+        return response.credential
+
+    async def list_credentials(self) -> list[mcp_proxy_pb2.Credential]:
+        """Every credential's metadata, by name, following every page."""
+        credentials: list[mcp_proxy_pb2.Credential] = []
+        token = ""
+        while True:
+            with translated_errors():
+                response: mcp_proxy_pb2.ListCredentialsResponse = await self._vault.ListCredentials(
+                    mcp_proxy_pb2.ListCredentialsRequest(page_size=1000, page_token=token)
+                )
+            credentials.extend(response.credentials)
+            token = response.next_page_token
+            if not token:
+                return credentials
+
+    async def delete_credential(self, name: str) -> bool:
+        """Deletes a credential; True if it existed."""
+        with translated_errors():
+            response: mcp_proxy_pb2.DeleteCredentialResponse = await self._vault.DeleteCredential(
+                mcp_proxy_pb2.DeleteCredentialRequest(name=name)
+            )
+        return response.existed
+
+    # Session tokens ----------------------------------------------------------------------------------------
+
+    async def mint_session_token(
+        self, session_id: str, grants: Sequence[str], ttl: float = 0
+    ) -> mcp_proxy_pb2.MintSessionTokenResponse:
+        """A token for `session_id` granting the named credentials for `ttl` seconds (0: one hour)."""
+        with translated_errors():
+            response: mcp_proxy_pb2.MintSessionTokenResponse = await self._proxy.MintSessionToken(
+                mcp_proxy_pb2.MintSessionTokenRequest(session_id=session_id, grants=grants, ttl=_duration(ttl))
+            )
+        return response
+
+    async def revoke_session_token(self, session_id: str) -> int:
+        """Revokes every token of `session_id`; returns how many were still unexpired."""
+        with translated_errors():
+            response: mcp_proxy_pb2.RevokeSessionTokenResponse = await self._proxy.RevokeSessionToken(
+                mcp_proxy_pb2.RevokeSessionTokenRequest(session_id=session_id)
+            )
+        return response.revoked
+
+    # MCP ---------------------------------------------------------------------------------------------------
+
+    async def list_tools(self, session_token: str) -> list[sandbox_pb2.ToolSpec]:
+        """Tools of the MCP servers the token grants, named `<server>__<tool>`."""
+        with translated_errors():
+            response: mcp_proxy_pb2.McpProxyServiceListToolsResponse = await self._proxy.ListTools(
+                mcp_proxy_pb2.McpProxyServiceListToolsRequest(session_token=session_token)
+            )
+        return list(response.tools)
+
+    async def call_tool(
+        self,
+        session_token: str,
+        *,
+        server: str,
+        tool: str,
+        arguments: Mapping[str, object] | struct_pb2.Struct,
+        # The name callers know; it bounds the upstream call and sets the RPC's deadline from it.
+        timeout: float | None = None,
+    ) -> mcp_proxy_pb2.McpProxyServiceCallToolResponse:
+        """Calls `tool` of granted MCP server `server`; `timeout` bounds the upstream call (default 60 s).
+
+        The gRPC deadline is set a little longer than `timeout`, so a slow upstream comes back as a result
+        with `is_error` rather than as `DeadlineExceeded`.
+        """
+        if isinstance(arguments, struct_pb2.Struct):
+            struct = arguments
+        else:
+            struct = struct_pb2.Struct()
+            struct.update(dict(arguments))  # type: ignore[arg-type]  # JSON values; Struct checks them itself
+        request = mcp_proxy_pb2.McpProxyServiceCallToolRequest(
+            session_token=session_token, server=server, tool=tool, arguments=struct
+        )
+        if timeout is not None:
+            request.timeout.CopyFrom(_duration(timeout))
+        deadline = (timeout if timeout else 60.0) + 5.0
+        with translated_errors():
+            response: mcp_proxy_pb2.McpProxyServiceCallToolResponse = await self._proxy.CallTool(
+                request, timeout=deadline
+            )
+        return response

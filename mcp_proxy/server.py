@@ -1,0 +1,142 @@
+"""`VaultService` and `McpProxyService` servicers: check requests, translate between protobuf and the core."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import struct_pb2
+
+from managed_agents.mesh import paging
+from managed_agents.mesh.errors import InvalidArgument
+from managed_agents.v1 import content_pb2, mcp_proxy_pb2, mcp_proxy_pb2_grpc, sandbox_pb2
+from mcp_proxy import validate
+from mcp_proxy.proxy import McpProxy
+from mcp_proxy.upstream import Content
+from mcp_proxy.vault import CredentialRecord
+
+VAULT_SERVICE_NAME = mcp_proxy_pb2.DESCRIPTOR.services_by_name["VaultService"].full_name
+PROXY_SERVICE_NAME = mcp_proxy_pb2.DESCRIPTOR.services_by_name["McpProxyService"].full_name
+
+# Answer a little before the caller's deadline: a slow upstream then is an error result, not a deadline.
+_DEADLINE_MARGIN = 0.25
+
+
+def credential_message(record: CredentialRecord) -> mcp_proxy_pb2.Credential:
+    """The `Credential` (metadata only: there is no field a secret could go in) of a stored record."""
+    spec = record.spec
+    message = mcp_proxy_pb2.Credential(
+        name=spec.name,
+        kind=int(spec.kind),  # type: ignore[arg-type]  # same numbers as the proto enum
+        mcp_server_url=spec.mcp_server_url,
+        token_endpoint=spec.token_endpoint,
+        client_id=spec.client_id,
+        allowed_hosts=spec.allowed_hosts,
+    )
+    message.create_time.FromMicroseconds(record.create_time_us)
+    message.update_time.FromMicroseconds(record.update_time_us)
+    if record.expire_time_us:
+        message.expire_time.FromMicroseconds(record.expire_time_us)
+    return message
+
+
+def content_block(content: Content) -> content_pb2.ContentBlock:
+    """A core content block as the contract's `ContentBlock`."""
+    if content.kind == "image":
+        return content_pb2.ContentBlock(image=content_pb2.ImageBlock(media_type=content.media_type, data=content.data))
+    return content_pb2.ContentBlock(text=content_pb2.TextBlock(text=content.text))
+
+
+class VaultServicer(mcp_proxy_pb2_grpc.VaultServiceServicer):
+    """Serves `managed_agents.v1.VaultService`: credentials go in, metadata comes out, secrets never do."""
+
+    def __init__(self, proxy: McpProxy) -> None:
+        self._proxy = proxy
+
+    async def PutCredential(
+        self, request: mcp_proxy_pb2.PutCredentialRequest, context: grpc.aio.ServicerContext
+    ) -> mcp_proxy_pb2.PutCredentialResponse:
+        if not request.HasField("credential"):
+            raise InvalidArgument.field("credential", "is required")
+        if not request.HasField("secret"):
+            raise InvalidArgument.field("secret", "is required")
+        spec, secret, ttl_us = validate.credential(request.credential, request.secret)
+        record = await self._proxy.put_credential(spec, secret, token_ttl_us=ttl_us)
+        return mcp_proxy_pb2.PutCredentialResponse(credential=credential_message(record))
+
+    async def ListCredentials(
+        self, request: mcp_proxy_pb2.ListCredentialsRequest, context: grpc.aio.ServicerContext
+    ) -> mcp_proxy_pb2.ListCredentialsResponse:
+        size = validate.page_size(request.page_size)
+        after = ""
+        if request.page_token:
+            after = str(paging.decode(request.page_token, {})["after"])
+        records = await self._proxy.vault.list(after=after, limit=size + 1)
+        response = mcp_proxy_pb2.ListCredentialsResponse(credentials=[credential_message(r) for r in records[:size]])
+        if len(records) > size:
+            response.next_page_token = paging.encode({"after": records[size - 1].spec.name}, {})
+        return response
+
+    async def DeleteCredential(
+        self, request: mcp_proxy_pb2.DeleteCredentialRequest, context: grpc.aio.ServicerContext
+    ) -> mcp_proxy_pb2.DeleteCredentialResponse:
+        existed = await self._proxy.delete_credential(validate.credential_name(request.name))
+        return mcp_proxy_pb2.DeleteCredentialResponse(existed=existed)
+
+
+class McpProxyServicer(mcp_proxy_pb2_grpc.McpProxyServiceServicer):
+    """Serves `managed_agents.v1.McpProxyService`: session tokens, and MCP tools reached through them."""
+
+    def __init__(self, proxy: McpProxy) -> None:
+        self._proxy = proxy
+
+    async def MintSessionToken(
+        self, request: mcp_proxy_pb2.MintSessionTokenRequest, context: grpc.aio.ServicerContext
+    ) -> mcp_proxy_pb2.MintSessionTokenResponse:
+        session_id = validate.session_id(request.session_id)
+        grants = validate.grants(request.grants)
+        ttl_us = validate.session_ttl_us(request.ttl)
+        token, grant = await self._proxy.mint(session_id, grants, ttl_us=ttl_us)
+        response = mcp_proxy_pb2.MintSessionTokenResponse(token=token)
+        response.expire_time.FromMicroseconds(grant.expire_time_us)
+        return response
+
+    async def RevokeSessionToken(
+        self, request: mcp_proxy_pb2.RevokeSessionTokenRequest, context: grpc.aio.ServicerContext
+    ) -> mcp_proxy_pb2.RevokeSessionTokenResponse:
+        revoked = await self._proxy.tokens.revoke(validate.session_id(request.session_id))
+        return mcp_proxy_pb2.RevokeSessionTokenResponse(revoked=revoked)
+
+    async def ListTools(
+        self, request: mcp_proxy_pb2.McpProxyServiceListToolsRequest, context: grpc.aio.ServicerContext
+    ) -> mcp_proxy_pb2.McpProxyServiceListToolsResponse:
+        tools = await self._proxy.list_tools(request.session_token)
+        specs = []
+        for tool in tools:
+            schema = struct_pb2.Struct()
+            schema.update(tool.tool.input_schema)
+            specs.append(
+                sandbox_pb2.ToolSpec(
+                    name=tool.name,
+                    description=tool.tool.description,
+                    input_schema=schema,
+                    # Nobody can know what an upstream tool does twice; the brain must not re-run one.
+                    safe_to_retry=False,
+                )
+            )
+        return mcp_proxy_pb2.McpProxyServiceListToolsResponse(tools=specs)
+
+    async def CallTool(
+        self, request: mcp_proxy_pb2.McpProxyServiceCallToolRequest, context: grpc.aio.ServicerContext
+    ) -> mcp_proxy_pb2.McpProxyServiceCallToolResponse:
+        # The token first: a caller without a valid one learns nothing about the rest of its request.
+        self._proxy.tokens.verify(request.session_token)
+        server = validate.credential_name(request.server, "server")
+        tool = validate.tool_name(request.tool)
+        arguments = validate.arguments(request.arguments)
+        timeout = validate.call_timeout(request.timeout)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = max(0.001, min(timeout, remaining - _DEADLINE_MARGIN))
+        result = await self._proxy.call_tool(request.session_token, server, tool, arguments, time_limit=timeout)
+        return mcp_proxy_pb2.McpProxyServiceCallToolResponse(
+            content=[content_block(c) for c in result.content], is_error=result.is_error
+        )
