@@ -16,6 +16,7 @@ from managed_agents.mesh.errors import SandboxUnavailable
 from managed_agents.mesh.failpoints import Failpoints
 from managed_agents.mesh.server import MeshServer, Service
 from managed_agents.v1 import brain_pb2_grpc, hands_pb2, sandbox_pb2
+from mcp_proxy.client import McpProxyClient
 from session_store.client import SessionStoreClient
 
 
@@ -95,8 +96,10 @@ async def start(
         hands = HandsClient.connect(addresses[0], tracer_provider=tracer_provider)
     else:
         hands = NoHands()
+    proxy = McpProxyClient.connect(config.proxy, tracer_provider=tracer_provider) if config.proxy else None
     tracer = tracer_provider.get_tracer("brain") if tracer_provider else None
     harness = Harness(
+        proxy=proxy,
         failpoints=Failpoints.parse(config.failpoints),
         store=store,
         hands=hands,
@@ -112,4 +115,4 @@ async def start(
     )
     await server.start()
     harness.start_scanner()
-    return BrainServer(server, harness, [store, hands, model])
+    return BrainServer(server, harness, [store, hands, model, *([proxy] if proxy else [])])

@@ -25,6 +25,7 @@ class BrainConfig:
     listen: str = "127.0.0.1:7303"
     store: str = "127.0.0.1:7301"
     hands: str = "127.0.0.1:7302"
+    proxy: str = ""
     model: str = "claude-sonnet-5-5"
     max_tokens: int = 8192
     max_steps: int = 50
@@ -78,6 +79,13 @@ class BrainConfig:
             d.hands,
             "hands address (host:port), or several separated by commas (new sandboxes go to the least loaded); "
             "empty offers no sandbox tools",
+        )
+        flag(
+            "--proxy",
+            "BRAIN_PROXY",
+            d.proxy,
+            "mcp_proxy address (host:port) through which sessions reach the MCP servers granted to them; empty "
+            "offers no MCP tools",
         )
         flag("--model", "BRAIN_MODEL", d.model, "model for sessions that do not name one")
         flag("--max-tokens", "BRAIN_MAX_TOKENS", d.max_tokens, "max_tokens of each model call", type=int)
@@ -142,6 +150,7 @@ class BrainConfig:
             listen=args.listen,
             store=args.store,
             hands=args.hands,
+            proxy=args.proxy,
             model=args.model,
             max_tokens=args.max_tokens,
             max_steps=args.max_steps,

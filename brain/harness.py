@@ -27,6 +27,7 @@ from google.protobuf import duration_pb2, struct_pb2
 from opentelemetry import trace
 
 from brain.context import ContextPolicy, tool_input
+from brain.mcp import McpProxy, McpUnavailable, SessionMcp
 from brain.model import ModelClient, ModelError, ModelRequest, ModelResponse
 from brain.tools import SESSION_TOOL, Route, ToolSet, render_events, session_read_range
 from managed_agents import events as vocab
@@ -131,10 +132,25 @@ def _tool_result(
     return events_pb2.Event(agent_tool_result=result)
 
 
-def unanswered_tool_uses(events: Sequence[events_pb2.Event]) -> list[events_pb2.AgentToolUse]:
-    """Tool calls in the log without their result, oldest first."""
+def _mcp_result(use_id: str, text: str) -> events_pb2.Event:
+    """A failed `agent.mcp_tool_result`, saying why in a sentence the model reads."""
+    return events_pb2.Event(
+        agent_mcp_tool_result=events_pb2.AgentMcpToolResult(
+            mcp_tool_use_id=use_id, content=[vocab.text(text)], is_error=True
+        )
+    )
+
+
+def unanswered_tool_uses(events: Sequence[events_pb2.Event]) -> list[events_pb2.Event]:
+    """Tool calls (`agent.tool_use` and `agent.mcp_tool_use` events) without their result, oldest first."""
     answered = {e.agent_tool_result.tool_use_id for e in events if e.HasField("agent_tool_result")}
-    return [e.agent_tool_use for e in events if e.HasField("agent_tool_use") and e.agent_tool_use.id not in answered]
+    answered |= {e.agent_mcp_tool_result.mcp_tool_use_id for e in events if e.HasField("agent_mcp_tool_result")}
+    return [
+        e
+        for e in events
+        if (e.HasField("agent_tool_use") and e.agent_tool_use.id not in answered)
+        or (e.HasField("agent_mcp_tool_use") and e.agent_mcp_tool_use.id not in answered)
+    ]
 
 
 def needs_model(events: Sequence[events_pb2.Event]) -> bool:
@@ -193,7 +209,10 @@ class SessionRun:
         self._interrupted = asyncio.Event()
         # The log as `wake` read it; the first refresh reads only what was appended since.
         self._absorb(log_events)
+        # Tool calls logged at or before this point were left by an earlier run (see `_run_mcp_tool`).
+        self._resumed_at = self.last_seq
         self._tools: ToolSet | None = None
+        self._mcp = SessionMcp(harness.proxy, session.id, list(session.agent.mcp_servers))
         self._lease_lost: str | None = None
         self._done = False
         self.task: asyncio.Task[None] | None = None
@@ -439,7 +458,19 @@ class SessionRun:
     async def _tool_set(self) -> ToolSet:
         if self._tools is None:
             specs = await self._harness.hands_tools()
-            self._tools = ToolSet.build(specs, list(self.session.agent.tools))
+            try:
+                mcp_tools = await self._mcp.tools()
+            except McpUnavailable as error:
+                # The turn goes on with the other tools; the log and the model's tool list show what is missing.
+                mcp_tools = []
+                await self._emit(
+                    events_pb2.Event(
+                        session_error=events_pb2.SessionError(
+                            message=f"MCP tools are not offered this turn: {error}", kind="mcp_unavailable"
+                        )
+                    )
+                )
+            self._tools = ToolSet.build(specs, list(self.session.agent.tools), mcp_tools, self._mcp.servers)
         return self._tools
 
     async def _call_model(self) -> None:
@@ -536,7 +567,7 @@ class SessionRun:
                 span.set_attribute("gen_ai.usage.input_tokens", response.usage.input_tokens)
                 span.set_attribute("gen_ai.usage.output_tokens", response.usage.output_tokens)
                 span.set_attribute("gen_ai.response.finish_reasons", [response.stop_reason])
-            await self._emit(*self._answer_events(response), self._span_end(started, response=response))
+            await self._emit(*self._answer_events(response, tools), self._span_end(started, response=response))
             if any(block["type"] == "tool_use" for block in response.content):
                 self._harness.failpoints.hit("brain.after_tool_use_logged")
             return
@@ -579,7 +610,7 @@ class SessionRun:
         return events_pb2.Event(span_model_request_end=end)
 
     @staticmethod
-    def _answer_events(response: ModelResponse) -> list[events_pb2.Event]:
+    def _answer_events(response: ModelResponse, tools: ToolSet) -> list[events_pb2.Event]:
         produced: list[events_pb2.Event] = []
         for block in response.content:
             kind = block["type"]
@@ -610,6 +641,18 @@ class SessionRun:
                         )
                     )
                 )
+            elif kind == "tool_use" and (mcp_tool := tools.get(block["name"])) and mcp_tool.route is Route.MCP:
+                produced.append(
+                    events_pb2.Event(
+                        agent_mcp_tool_use=events_pb2.AgentMcpToolUse(
+                            message_id=response.id,
+                            id=block["id"],
+                            server_name=mcp_tool.server,
+                            name=mcp_tool.remote_name,
+                            input=_struct(block["input"]),
+                        )
+                    )
+                )
             elif kind == "tool_use":
                 produced.append(
                     events_pb2.Event(
@@ -634,8 +677,12 @@ class SessionRun:
 
     # Tools -----------------------------------------------------------------------------------------------
 
-    async def _run_tools(self, pending: Sequence[events_pb2.AgentToolUse]) -> None:
-        for use in pending:
+    async def _run_tools(self, pending: Sequence[events_pb2.Event]) -> None:
+        for event in pending:
+            if event.HasField("agent_mcp_tool_use"):
+                await self._run_mcp_tool(event)
+                continue
+            use = event.agent_tool_use
             if self._interrupted.is_set():
                 ran = (
                     "may have run before the interruption; its outcome is unknown"
@@ -648,7 +695,7 @@ class SessionRun:
                 )
                 continue
             with self._harness.tracer.start_as_current_span(
-                "brain.tool_call", attributes={"tool.name": use.name, "tool.use_id": use.id}
+                "brain.tool_call", attributes={"tool.name": use.name, "tool.use_id": use.id, "tool.route": "hands"}
             ) as span:
                 result = await self._run_tool(use)
                 outcome = result.agent_tool_result
@@ -657,6 +704,42 @@ class SessionRun:
                     span.set_attribute("sandbox.id", outcome.execution.sandbox_id)
             self._harness.failpoints.hit("brain.after_execute")
             await self._emit(result, key=f"result.{use.id}")
+
+    async def _run_mcp_tool(self, event: events_pb2.Event) -> None:
+        """Runs one MCP tool call through the proxy, at most once.
+
+        MCP tools have no idempotency key, so a call that a dead brain left without a result (its `seq` is
+        older than this run) is not sent again: it may have run upstream. The model hears exactly that.
+        """
+        use = event.agent_mcp_tool_use
+        qualified = f"{use.server_name}.{use.name}"
+        if self._interrupted.is_set():
+            result = _mcp_result(use.id, f"The user interrupted the turn: {qualified} was not called.")
+        elif event.seq <= self._resumed_at:
+            result = _mcp_result(
+                use.id,
+                f"The brain driving this session stopped while {qualified} was being called; whether the call "
+                "reached the MCP server is unknown, so it was not sent again. Check its effect before retrying.",
+            )
+        else:
+            with self._harness.tracer.start_as_current_span(
+                "brain.tool_call",
+                attributes={"tool.name": qualified, "tool.use_id": use.id, "tool.route": "mcp"},
+            ) as span:
+                try:
+                    response = await self._mcp.call(
+                        use.server_name, use.name, use.input, timeout=min(self._config.tool_timeout, 600.0)
+                    )
+                    result = events_pb2.Event(
+                        agent_mcp_tool_result=events_pb2.AgentMcpToolResult(
+                            mcp_tool_use_id=use.id, content=response.content, is_error=response.is_error
+                        )
+                    )
+                except (MeshError, McpUnavailable) as error:
+                    result = _mcp_result(use.id, f"{qualified} could not be called: {error}")
+                span.set_attribute("tool.is_error", result.agent_mcp_tool_result.is_error)
+        self._harness.failpoints.hit("brain.after_execute")
+        await self._emit(result, key=f"result.{use.id}")
 
     async def _run_tool(self, use: events_pb2.AgentToolUse) -> events_pb2.Event:
         tools = await self._tool_set()
@@ -767,6 +850,7 @@ class Harness:
         store: SessionStoreClient,
         hands: Hands,
         model: ModelClient,
+        proxy: McpProxy | None = None,
         policy: ContextPolicy,
         config: HarnessConfig,
         tracer: trace.Tracer | None = None,
@@ -775,6 +859,7 @@ class Harness:
         self.store = store
         self.failpoints = failpoints or Failpoints()
         self.hands = hands
+        self.proxy = proxy
         self.model = model
         self.policy = policy
         self.config = config

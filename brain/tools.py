@@ -1,5 +1,5 @@
-"""Which tools the model is offered and where each call goes: sandbox tools to hands, `read_session_events`
-to the session store (answered by the brain itself)."""
+"""Which tools the model is offered and where each call goes: sandbox tools to hands, `<server>__<tool>`
+tools to the MCP proxy, `read_session_events` to the session store (answered by the brain itself)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from brain.mcp import split_tool_name
 from managed_agents.render import Renderer
 from managed_agents.v1 import events_pb2, sandbox_pb2
 
@@ -39,6 +40,7 @@ class Route(enum.Enum):
     """Where a tool call is executed."""
 
     HANDS = "hands"
+    MCP = "mcp"
     SESSION = "session"
 
 
@@ -50,6 +52,9 @@ class Tool:
     route: Route
     param: Mapping[str, Any]
     safe_to_retry: bool
+    # For MCP tools: the server (granted credential) and the tool's own name there.
+    server: str = ""
+    remote_name: str = ""
 
 
 def _api_param(spec: sandbox_pb2.ToolSpec) -> dict[str, Any]:
@@ -70,13 +75,27 @@ class ToolSet:
         self._tools = {t.name: t for t in tools}
 
     @classmethod
-    def build(cls, hands_tools: Sequence[sandbox_pb2.ToolSpec], allowed: Sequence[str] = ()) -> ToolSet:
-        """Hands' tools (only `allowed` ones, if the session names any) and the session tool."""
+    def build(
+        cls,
+        hands_tools: Sequence[sandbox_pb2.ToolSpec],
+        allowed: Sequence[str] = (),
+        mcp_tools: Sequence[sandbox_pb2.ToolSpec] = (),
+        mcp_servers: Sequence[str] = (),
+    ) -> ToolSet:
+        """Hands' tools (only `allowed` ones, if the session names any), the granted MCP servers' tools, and
+        the session tool. A sandbox tool keeps its name if an MCP tool would take it."""
         tools = [
             Tool(spec.name, Route.HANDS, _api_param(spec), spec.safe_to_retry)
             for spec in hands_tools
             if not allowed or spec.name in allowed
         ]
+        taken = {t.name for t in tools} | {SESSION_TOOL}
+        for spec in mcp_tools:
+            split = split_tool_name(spec.name, mcp_servers)
+            if split is None or spec.name in taken:
+                continue
+            server, remote = split
+            tools.append(Tool(spec.name, Route.MCP, _api_param(spec), False, server=server, remote_name=remote))
         if not allowed or SESSION_TOOL in allowed:
             tools.append(Tool(SESSION_TOOL, Route.SESSION, SESSION_TOOL_SPEC, safe_to_retry=True))
         return cls(tools)

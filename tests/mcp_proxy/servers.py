@@ -39,23 +39,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def build_mcp(name: str) -> MCPServer:
-    """The MCP server's tools: arithmetic, echo, a slow one, a failing one and an image."""
+def build_mcp(name: str, calls: list[str] | None = None) -> MCPServer:
+    """The MCP server's tools: arithmetic, echo, a slow one, a failing one and an image. The names of the
+    tools called that count (add, echo, slow) are appended to `calls`, in order."""
     mcp = MCPServer(name)
+    called = calls if calls is not None else []
 
     @mcp.tool()
     def add(a: int, b: int) -> int:
         """Adds two integers."""
+        called.append("add")
         return a + b
 
     @mcp.tool()
     def echo(text: str) -> str:
         """Returns its input."""
+        called.append("echo")
         return text
 
     @mcp.tool()
     async def slow(seconds: float) -> str:
         """Sleeps, then answers."""
+        called.append("slow")
         await asyncio.sleep(seconds)
         return "finally"
 
@@ -88,6 +93,7 @@ class Upstream:
     issued: list[str] = field(default_factory=list)
     refreshes: int = 0
     refused: int = 0
+    calls: list[str] = field(default_factory=list)
     _server: uvicorn.Server | None = None
     _task: asyncio.Task[None] | None = None
 
@@ -146,7 +152,7 @@ class Upstream:
         await self._reply(send, 200, grant)
 
     def _app(self) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
-        mcp_app = build_mcp(self.name).streamable_http_app(host="127.0.0.1")
+        mcp_app = build_mcp(self.name, self.calls).streamable_http_app(host="127.0.0.1")
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http":
