@@ -87,16 +87,22 @@ async def start(
                 "(python -m managed_agents.standin) and set ANTHROPIC_API_KEY to any value"
             )
         model = AnthropicModel(api_key=config.api_key, base_url=config.base_url or None)
-    store = SessionStoreClient.connect(config.store, tracer_provider=tracer_provider)
+    store = SessionStoreClient.connect(config.store, tracer_provider=tracer_provider, mesh_secret=config.mesh_secret)
     hands: HandsRouter | HandsClient | NoHands
     addresses = [a.strip() for a in config.hands.split(",") if a.strip()]
     if len(addresses) > 1:
-        hands = HandsRouter([HandsClient.connect(a, tracer_provider=tracer_provider) for a in addresses])
+        hands = HandsRouter(
+            [HandsClient.connect(a, tracer_provider=tracer_provider, mesh_secret=config.mesh_secret) for a in addresses]
+        )
     elif addresses:
-        hands = HandsClient.connect(addresses[0], tracer_provider=tracer_provider)
+        hands = HandsClient.connect(addresses[0], tracer_provider=tracer_provider, mesh_secret=config.mesh_secret)
     else:
         hands = NoHands()
-    proxy = McpProxyClient.connect(config.proxy, tracer_provider=tracer_provider) if config.proxy else None
+    proxy = (
+        McpProxyClient.connect(config.proxy, tracer_provider=tracer_provider, mesh_secret=config.mesh_secret)
+        if config.proxy
+        else None
+    )
     tracer = tracer_provider.get_tracer("brain") if tracer_provider else None
     harness = Harness(
         proxy=proxy,
@@ -112,6 +118,7 @@ async def start(
         [Service(SERVICE_NAME, BrainServicer(harness), brain_pb2_grpc.add_BrainServiceServicer_to_server)],
         listen=config.listen,
         tracer_provider=tracer_provider,
+        mesh_secret=config.mesh_secret,
     )
     await server.start()
     harness.start_scanner()

@@ -20,9 +20,13 @@ class BrainClient:
         self._stub = brain_pb2_grpc.BrainServiceStub(channel)
 
     @classmethod
-    def connect(cls, target: str, *, tracer_provider: TracerProvider | None = None) -> BrainClient:
+    def connect(
+        cls, target: str, *, tracer_provider: TracerProvider | None = None, mesh_secret: str = ""
+    ) -> BrainClient:
         """A client with its own channel; Wake is idempotent, so it is retried while the brain is down."""
-        channel = dial(target, tracer_provider=tracer_provider, retry_methods=[(SERVICE_NAME, "Wake")])
+        channel = dial(
+            target, tracer_provider=tracer_provider, retry_methods=[(SERVICE_NAME, "Wake")], mesh_secret=mesh_secret
+        )
         return cls(channel, owns_channel=True)
 
     async def aclose(self) -> None:

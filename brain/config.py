@@ -6,10 +6,10 @@ import argparse
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from managed_agents.mesh.config import add_flag, parse_listen
+from managed_agents.mesh.config import add_flag, mesh_secret_or_exit, parse_listen
 from managed_agents.mesh.failpoints import ENV as FAILPOINTS_ENV
 
 
@@ -40,6 +40,8 @@ class BrainConfig:
     grace_seconds: float = 10.0
     log_level: str = "info"
     failpoints: str = ""
+    # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
+    mesh_secret: str = field(default="", repr=False)
 
     @classmethod
     def parser(cls, environ: Mapping[str, str], prog: str = "python -m brain") -> argparse.ArgumentParser:
@@ -145,7 +147,8 @@ class BrainConfig:
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> BrainConfig:
         """Parses `argv`; flags beat environment variables, which beat defaults."""
-        args = cls.parser(environ).parse_args(argv)
+        parser = cls.parser(environ)
+        args = parser.parse_args(argv)
         return cls(
             listen=args.listen,
             store=args.store,
@@ -165,4 +168,5 @@ class BrainConfig:
             grace_seconds=args.grace,
             log_level=args.log_level,
             failpoints=environ.get(FAILPOINTS_ENV, ""),
+            mesh_secret=mesh_secret_or_exit(parser, environ),
         )

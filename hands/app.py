@@ -60,6 +60,7 @@ async def start(
         ],
         listen=config.listen,
         tracer_provider=tracer_provider,
+        mesh_secret=config.mesh_secret,
     )
     try:
         await server.start()

@@ -26,9 +26,12 @@ class HandsClient:
         self._stub = hands_pb2_grpc.HandsServiceStub(channel)
 
     @classmethod
-    def connect(cls, target: str, *, tracer_provider: TracerProvider | None = None) -> HandsClient:
+    def connect(
+        cls, target: str, *, tracer_provider: TracerProvider | None = None, mesh_secret: str = ""
+    ) -> HandsClient:
         """A client with its own channel to `target`; close it with `aclose()`."""
-        return cls(dial(target, tracer_provider=tracer_provider, retry_methods=_RETRIED), owns_channel=True)
+        channel = dial(target, tracer_provider=tracer_provider, retry_methods=_RETRIED, mesh_secret=mesh_secret)
+        return cls(channel, owns_channel=True)
 
     async def aclose(self) -> None:
         """Closes the channel if this client opened it."""

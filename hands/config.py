@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from managed_agents.mesh.config import add_flag, parse_listen
+from managed_agents.mesh.config import add_flag, mesh_secret_or_exit, parse_listen
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +24,8 @@ class HandsConfig:
     port_file: Path | None = None
     grace_seconds: float = 10.0
     log_level: str = "info"
+    # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
+    mesh_secret: str = field(default="", repr=False)
 
     @property
     def instance_name(self) -> str:
@@ -99,7 +101,8 @@ class HandsConfig:
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> HandsConfig:
         """Parses `argv`; flags beat environment variables, which beat defaults."""
-        args = cls.parser(environ).parse_args(argv)
+        parser = cls.parser(environ)
+        args = parser.parse_args(argv)
         return cls(
             listen=args.listen,
             work_root=args.work_root,
@@ -110,4 +113,5 @@ class HandsConfig:
             port_file=args.port_file,
             grace_seconds=args.grace,
             log_level=args.log_level,
+            mesh_secret=mesh_secret_or_exit(parser, environ),
         )

@@ -19,17 +19,18 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from brain.client import BrainClient
-from managed_agents import events
+from managed_agents import cli_credentials, events
 from managed_agents.follow import TurnFollower
-from managed_agents.local_mesh import LocalMesh, MeshAddresses, mesh_home
+from managed_agents.local_mesh import LocalMesh, MeshAddresses, local_mesh_secret, mesh_home
+from managed_agents.mesh.auth import MeshSecretError, mesh_secret
 from managed_agents.mesh.errors import MeshError, Unavailable
 from managed_agents.mesh.telemetry import build_tracer_provider
 from managed_agents.render import Renderer
-from managed_agents.v1 import brain_pb2, events_pb2
+from managed_agents.v1 import brain_pb2, events_pb2, session_pb2
 from session_store.client import SessionStoreClient
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-DEFAULTS = {"store": "127.0.0.1:7301", "hands": "127.0.0.1:7302", "brain": "127.0.0.1:7303"}
+DEFAULTS = {"store": "127.0.0.1:7301", "hands": "127.0.0.1:7302", "brain": "127.0.0.1:7303", "proxy": "127.0.0.1:7304"}
 DEMO_PROMPT = "Write a small Python module with a test suite in the sandbox, run the tests there, and report."
 
 _STATUSES = {"idle": 1, "running": 2, "rescheduling": 3, "terminated": 4}
@@ -46,6 +47,12 @@ def _address(args: argparse.Namespace, service: str) -> str:
     return DEFAULTS[service]
 
 
+def _secret() -> str:
+    """The mesh secret to present: from the environment, else that of the mesh `up` started here."""
+    configured = mesh_secret(os.environ)
+    return configured or local_mesh_secret(mesh_home(os.environ))
+
+
 def _json_line(message: Message) -> str:
     fields = json_format.MessageToDict(message, preserving_proto_field_name=True)
     return json.dumps(fields, ensure_ascii=False)
@@ -59,7 +66,7 @@ def _status_name(value: int) -> str:
 
 
 async def _sessions_list(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_address(args, "store")) as store:
+    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret()) as store:
         page = await store.list_sessions(status=_STATUSES.get(args.status, 0), page_size=args.limit)  # type: ignore[arg-type]
     if args.json:
         for session in page.sessions:
@@ -78,7 +85,7 @@ async def _sessions_list(args: argparse.Namespace) -> int:
 
 
 async def _sessions_show(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_address(args, "store")) as store:
+    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret()) as store:
         session, log = await store.read_session(args.session_id)
     if args.json:
         print(_json_line(session))
@@ -102,26 +109,28 @@ async def _sessions_show(args: argparse.Namespace) -> int:
 
 async def _sessions_tail(args: argparse.Namespace) -> int:
     renderer = Renderer.for_terminal(sys.stdout.isatty())
-    async with SessionStoreClient.connect(_address(args, "store")) as store:
+    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret()) as store:
         async for event in store.watch(args.session_id, after_seq=args.after):
             print(_json_line(event) if args.json else renderer.line(event), flush=True)
     return EXIT_OK
 
 
 async def _sessions_create(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_address(args, "store")) as store:
-        session = await store.create_session(session_id=args.id or "", title=args.title or "")
+    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret()) as store:
+        session = await store.create_session(
+            session_id=args.id or "", title=args.title or "", agent=_agent(args.mcp_server)
+        )
     print(_json_line(session) if args.json else session.id)
     return EXIT_OK
 
 
 async def _sessions_send(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_address(args, "store")) as store:
+    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret()) as store:
         response = await store.emit(args.session_id, events.user_message(args.text, producer="cli"))
         if args.no_wake:
             print(_json_line(response.event) if args.json else f"appended as seq {response.event.seq}")
             return EXIT_OK
-        async with BrainClient.connect(_address(args, "brain")) as brain:
+        async with BrainClient.connect(_address(args, "brain"), mesh_secret=_secret()) as brain:
             woken = await brain.wake(args.session_id)
         if args.json:
             print(_json_line(response.event))
@@ -138,6 +147,10 @@ async def _sessions_send(args: argparse.Namespace) -> int:
 # Running turns ---------------------------------------------------------------------------------------------
 
 
+def _agent(mcp_servers: Sequence[str]) -> session_pb2.AgentConfig | None:
+    return session_pb2.AgentConfig(mcp_servers=mcp_servers) if mcp_servers else None
+
+
 async def _run_prompt(
     store_address: str,
     brain_address: str,
@@ -146,6 +159,7 @@ async def _run_prompt(
     title: str,
     json_lines: bool,
     say: Callable[[str], None],
+    mcp_servers: Sequence[str] = (),
 ) -> int:
     renderer = Renderer.for_terminal(sys.stdout.isatty())
     # With OTEL_EXPORTER_OTLP_ENDPOINT set, the turn's trace starts here, at the Wake this command sends.
@@ -162,6 +176,7 @@ async def _run_prompt(
                 say=say,
                 renderer=renderer,
                 tracer_provider=provider,
+                mcp_servers=mcp_servers,
             )
     finally:
         if provider is not None:
@@ -178,12 +193,13 @@ async def _drive_turn(
     say: Callable[[str], None],
     renderer: Renderer,
     tracer_provider: TracerProvider | None,
+    mcp_servers: Sequence[str] = (),
 ) -> int:
     async with (
-        SessionStoreClient.connect(store_address, tracer_provider=tracer_provider) as store,
-        BrainClient.connect(brain_address, tracer_provider=tracer_provider) as brain,
+        SessionStoreClient.connect(store_address, tracer_provider=tracer_provider, mesh_secret=_secret()) as store,
+        BrainClient.connect(brain_address, tracer_provider=tracer_provider, mesh_secret=_secret()) as brain,
     ):
-        session = await store.create_session(title=title or prompt[:80])
+        session = await store.create_session(title=title or prompt[:80], agent=_agent(mcp_servers))
         say(f"session {session.id}")
         await store.emit(session.id, events.user_message(prompt, producer="cli"))
         follower = TurnFollower(store, renderer, json_lines=json_lines)
@@ -215,11 +231,12 @@ async def _run(args: argparse.Namespace) -> int:
         title=args.title or "",
         json_lines=args.json,
         say=say,
+        mcp_servers=args.mcp_server,
     )
 
 
 async def _interrupt(args: argparse.Namespace) -> int:
-    async with BrainClient.connect(_address(args, "brain")) as brain:
+    async with BrainClient.connect(_address(args, "brain"), mesh_secret=_secret()) as brain:
         response = await brain.interrupt(args.session_id, reason=args.reason or "")
     print(f"interrupt recorded as seq {response.seq}" + ("" if response.was_running else " (the session was idle)"))
     return EXIT_OK
@@ -295,6 +312,10 @@ def _service_main(module: str, argv: Sequence[str]) -> int:
         from brain.__main__ import main as brain_main
 
         brain_main(argv)
+    elif module == "proxy":
+        from mcp_proxy.__main__ import main as proxy_main
+
+        proxy_main(argv)
     else:
         from hands.__main__ import main as hands_main
 
@@ -306,22 +327,23 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="managed-agents",
         description="Managed Claude agents as a gRPC service mesh: a session store (the durable log), brains "
-        "(the stateless harness calling Claude) and hands (sandboxes). Run the mesh, run sessions, inspect "
-        "them.",
-        epilog="Addresses come from flags, then MANAGED_AGENTS_STORE / _BRAIN / _HANDS, then the mesh that "
-        "`managed-agents up` started here (.managed-agents/mesh.json). Exit codes: 0 ok, 1 refused or the "
-        "turn "
-        "failed, 2 bad usage, 3 unreachable, 130 interrupted.",
+        "(the stateless harness calling Claude), hands (sandboxes) and the mcp_proxy (the vault, and the only "
+        "way to MCP servers). Run the mesh, run sessions, inspect them.",
+        epilog="Addresses come from flags, then MANAGED_AGENTS_STORE / _BRAIN / _HANDS / _PROXY, then the mesh "
+        "that `managed-agents up` started here (.managed-agents/mesh.json). The mesh secret comes from "
+        "MANAGED_AGENTS_MESH_SECRET_FILE (or _SECRET), else from that mesh. Exit codes: 0 ok, 1 refused or "
+        "the turn failed, 2 bad usage, 3 unreachable, 130 interrupted.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, text in (
         ("store", "run a session store server"),
         ("brain", "run a brain server"),
         ("hands", "run a hands (sandbox) server"),
+        ("proxy", "run the mcp_proxy (vault and MCP proxy) server, or make and rotate its keys"),
     ):
         commands.add_parser(name, help=f"{text} (its own flags: `managed-agents {name} --help`)", add_help=False)
 
-    up = commands.add_parser("up", help="start store, hands and brain as local processes until Ctrl-C")
+    up = commands.add_parser("up", help="start store, hands, mcp_proxy and brain as local processes until Ctrl-C")
     up.add_argument("--backend", default="bwrap", choices=["bwrap", "docker", "local"], help="sandbox backend")
     up.add_argument("--script", default="demo", help="stand-in script when ANTHROPIC_API_KEY is unset")
     demo = commands.add_parser("demo", help="start the mesh, run one agent session end to end, stop the mesh")
@@ -334,6 +356,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
     run.add_argument("--store", help="session store address")
     run.add_argument("--brain", help="brain address")
+    run.add_argument(
+        "--mcp-server", action="append", default=[], metavar="NAME", help="grant the session this MCP server"
+    )
     interrupt = commands.add_parser("interrupt", help="stop a session's running turn at the next safe point")
     interrupt.add_argument("session_id")
     interrupt.add_argument("--reason", help="why, recorded in the log")
@@ -359,12 +384,16 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--id", help="choose the id (1-64 of [A-Za-z0-9_-])")
     create.add_argument("--title", help="a title for humans")
     create.add_argument("--json", action="store_true", help="print the whole session as JSON")
+    create.add_argument(
+        "--mcp-server", action="append", default=[], metavar="NAME", help="grant the session this MCP server"
+    )
     send = actions.add_parser("send", help="append a user message and wake a brain to answer it")
     send.add_argument("session_id")
     send.add_argument("text")
     send.add_argument("--no-wake", action="store_true", help="only append; do not wake a brain")
     send.add_argument("--follow", action="store_true", help="stream the turn until it ends")
     send.add_argument("--json", action="store_true", help="print the stored event as JSON")
+    cli_credentials.add_parser(commands)
     return parser
 
 
@@ -381,7 +410,7 @@ _SESSION_ACTIONS = {
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `managed-agents` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["store"], ["brain"], ["hands"]):
+    if argv[:1] in (["store"], ["brain"], ["hands"], ["proxy"]):
         raise SystemExit(_service_main(argv[0], argv[1:]))
     args = _parser().parse_args(argv)
     try:
@@ -389,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = _up(args)
         elif args.command == "demo":
             code = _demo(args)
+        elif args.command == "credentials":
+            code = asyncio.run(cli_credentials.run(args, _address(args, "proxy"), _secret()))
         elif args.command == "sessions":
             code = asyncio.run(_SESSION_ACTIONS[args.action](args))
         else:
@@ -404,6 +435,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except MeshError as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_REFUSED
+    except MeshSecretError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_USAGE
     except (RuntimeError, TimeoutError) as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_REFUSED

@@ -1,5 +1,8 @@
-"""The whole mesh on one machine: store, hands and brain (and, without an API key, the stand-in model) as
-separate processes on free loopback ports, started in dependency order and stopped in reverse.
+"""The whole mesh on one machine: store, hands, mcp_proxy and brain (and, without an API key, the stand-in
+model) as separate processes on free loopback ports, started in dependency order and stopped in reverse.
+
+The mesh is closed to outsiders from the first start: a mesh secret (`<home>/mesh.secret`) that every process
+and the CLI present, and a vault key (`<home>/vault.key`), both made once with mode 0600 and kept.
 
 `managed-agents up` keeps it running until Ctrl-C; `managed-agents demo` starts it, runs one session and stops
 it. The addresses are written to `<home>/mesh.json`, where the other commands find them.
@@ -13,9 +16,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from managed_agents.mesh.auth import SECRET_FILE_ENV, mesh_secret, write_secret_file
 from managed_agents.procs import ServiceProcess
 
 STATE_FILE = "mesh.json"
+SECRET_FILE = "mesh.secret"
+VAULT_KEY_FILE = "vault.key"
 
 
 def mesh_home(environ: Mapping[str, str]) -> Path:
@@ -31,6 +37,7 @@ class MeshAddresses:
     hands: str
     brain: str
     model: str  # the model endpoint: the stand-in's URL, or empty for the real API
+    proxy: str = ""
 
     def save(self, home: Path) -> None:
         """Writes `mesh.json` atomically."""
@@ -44,7 +51,7 @@ class MeshAddresses:
         """The addresses of the mesh `up` started here, if any."""
         try:
             data = json.loads((home / STATE_FILE).read_text())
-            return cls(**{k: str(data.get(k, "")) for k in ("store", "hands", "brain", "model")})
+            return cls(**{k: str(data.get(k, "")) for k in ("store", "hands", "brain", "model", "proxy")})
         except (OSError, ValueError, TypeError):
             return None
 
@@ -59,8 +66,21 @@ class LocalMesh:
         self._processes: list[ServiceProcess] = []
         self.addresses: MeshAddresses | None = None
         self.uses_standin = not environ.get("ANTHROPIC_API_KEY")
+        self._secret_file = home / SECRET_FILE
+
+    def _ensure_keys(self) -> Path:
+        """Makes the mesh secret and the vault key on first start; later starts reuse them."""
+        from mcp_proxy.vault import VaultKey, write_key_file
+
+        if not self._secret_file.exists():
+            write_secret_file(self._secret_file)
+        vault_key = self.home / VAULT_KEY_FILE
+        if not vault_key.exists():
+            write_key_file(vault_key, VaultKey.generate())
+        return vault_key
 
     def _start(self, label: str, module: str, args: list[str], env: Mapping[str, str] | None = None) -> str:
+        env = {SECRET_FILE_ENV: str(self._secret_file.resolve()), **(env or {})}
         process = ServiceProcess(module, args, self.home / "logs", env=env)
         process.start(timeout=60)
         self._processes.append(process)
@@ -71,6 +91,7 @@ class LocalMesh:
         """Starts every service and waits until each serves."""
         brain_env: dict[str, str] = {}
         model = ""
+        vault_key = self._ensure_keys()
         try:
             if self.uses_standin:
                 address = self._start("model", "managed_agents.standin", ["--script", standin_script])
@@ -80,11 +101,14 @@ class LocalMesh:
             hands = self._start(
                 "hands", "hands", ["--work-root", str(self.home / "sandboxes"), "--backend", hands_backend]
             )
-            brain = self._start("brain", "brain", ["--store", store, "--hands", hands], env=brain_env)
+            proxy = self._start(
+                "mcp_proxy", "mcp_proxy", ["--data-dir", str(self.home / "proxy"), "--key-file", str(vault_key)]
+            )
+            brain = self._start("brain", "brain", ["--store", store, "--hands", hands, "--proxy", proxy], env=brain_env)
         except BaseException:
             self.stop()
             raise
-        self.addresses = MeshAddresses(store=store, hands=hands, brain=brain, model=model)
+        self.addresses = MeshAddresses(store=store, hands=hands, brain=brain, model=model, proxy=proxy)
         self.addresses.save(self.home)
         return self.addresses
 
@@ -98,3 +122,11 @@ class LocalMesh:
     def dead(self) -> list[str]:
         """Modules whose process has exited."""
         return [p.module for p in self._processes if not p.running()]
+
+
+def local_mesh_secret(home: Path) -> str:
+    """The secret of the mesh `up` started under `home` ('' if it never ran there)."""
+    try:
+        return mesh_secret({SECRET_FILE_ENV: str(home / SECRET_FILE)})
+    except ValueError:
+        return ""

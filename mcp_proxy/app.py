@@ -77,6 +77,7 @@ async def start(config: ProxyConfig, key: VaultKey, tracer_provider: TracerProvi
             ],
             listen=config.listen,
             tracer_provider=tracer_provider,
+            mesh_secret=config.mesh_secret,
         )
         await server.start()
         return ProxyServer(server, proxy, stack.pop_all())

@@ -42,9 +42,12 @@ class McpProxyClient:
         self._proxy = mcp_proxy_pb2_grpc.McpProxyServiceStub(channel)
 
     @classmethod
-    def connect(cls, target: str, *, tracer_provider: TracerProvider | None = None) -> McpProxyClient:
+    def connect(
+        cls, target: str, *, tracer_provider: TracerProvider | None = None, mesh_secret: str = ""
+    ) -> McpProxyClient:
         """A client with its own channel to `target`; close it with `aclose()`."""
-        return cls(dial(target, tracer_provider=tracer_provider, retry_methods=_RETRIED), owns_channel=True)
+        channel = dial(target, tracer_provider=tracer_provider, retry_methods=_RETRIED, mesh_secret=mesh_secret)
+        return cls(channel, owns_channel=True)
 
     async def aclose(self) -> None:
         """Closes the channel if this client opened it."""

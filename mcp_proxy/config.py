@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from managed_agents.mesh.config import add_flag, parse_listen
+from managed_agents.mesh.config import add_flag, mesh_secret_or_exit, parse_listen
 from mcp_proxy.vault import VaultKey, VaultKeyError, read_key_file
 
 KEY_ENV = "MCP_PROXY_VAULT_KEY"
@@ -35,6 +35,8 @@ class ProxyConfig:
     connect_timeout: float = 10.0
     list_timeout: float = 10.0
     refresh_timeout: float = 30.0
+    # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
+    mesh_secret: str = field(default="", repr=False)
 
     def vault_key(self) -> VaultKey:
         """The vault key: from `key_file` if set, else from `MCP_PROXY_VAULT_KEY`.
@@ -150,7 +152,8 @@ class ProxyConfig:
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> ProxyConfig:
         """Parses `argv`; flags beat environment variables, which beat defaults."""
-        args = cls.parser(environ).parse_args(argv)
+        parser = cls.parser(environ)
+        args = parser.parse_args(argv)
         return cls(
             listen=args.listen,
             data_dir=args.data_dir,
@@ -162,4 +165,5 @@ class ProxyConfig:
             connect_timeout=args.connect_timeout,
             list_timeout=args.list_timeout,
             refresh_timeout=args.refresh_timeout,
+            mesh_secret=mesh_secret_or_exit(parser, environ),
         )

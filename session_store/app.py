@@ -45,6 +45,7 @@ def build(config: StoreConfig, store: Backend, tracer_provider: TracerProvider |
         [Service(SERVICE_NAME, servicer, session_pb2_grpc.add_SessionServiceServicer_to_server)],
         listen=config.listen,
         tracer_provider=tracer_provider,
+        mesh_secret=config.mesh_secret,
         on_stopping=[end_watches],
     )
 

@@ -36,9 +36,12 @@ class SessionStoreClient:
         self._stub = session_pb2_grpc.SessionServiceStub(channel)
 
     @classmethod
-    def connect(cls, target: str, *, tracer_provider: TracerProvider | None = None) -> SessionStoreClient:
+    def connect(
+        cls, target: str, *, tracer_provider: TracerProvider | None = None, mesh_secret: str = ""
+    ) -> SessionStoreClient:
         """A client with its own channel to `target`; close it with `aclose()`."""
-        return cls(dial(target, tracer_provider=tracer_provider, retry_methods=_RETRIED), owns_channel=True)
+        channel = dial(target, tracer_provider=tracer_provider, retry_methods=_RETRIED, mesh_secret=mesh_secret)
+        return cls(channel, owns_channel=True)
 
     async def aclose(self) -> None:
         """Closes the channel if this client opened it."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
 
-from managed_agents.mesh.config import add_flag, parse_listen
+from managed_agents.mesh.config import add_flag, mesh_secret_or_exit, parse_listen
 
 Synchronous = Literal["normal", "full"]
 
@@ -24,6 +24,8 @@ class StoreConfig:
     port_file: Path | None = None
     grace_seconds: float = 10.0
     log_level: str = "info"
+    # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
+    mesh_secret: str = field(default="", repr=False)
 
     @classmethod
     def parser(cls, environ: Mapping[str, str], prog: str = "python -m session_store") -> argparse.ArgumentParser:
@@ -107,7 +109,8 @@ class StoreConfig:
     @classmethod
     def from_args(cls, argv: Sequence[str], environ: Mapping[str, str]) -> StoreConfig:
         """Parses `argv`; flags beat environment variables, which beat defaults."""
-        args = cls.parser(environ).parse_args(argv)
+        parser = cls.parser(environ)
+        args = parser.parse_args(argv)
         return cls(
             listen=args.listen,
             data_dir=args.data_dir,
@@ -116,4 +119,5 @@ class StoreConfig:
             port_file=args.port_file,
             grace_seconds=args.grace,
             log_level=args.log_level,
+            mesh_secret=mesh_secret_or_exit(parser, environ),
         )

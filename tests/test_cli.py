@@ -63,7 +63,7 @@ def test_exit_codes_say_what_went_wrong(store_process: ServiceProcess) -> None:
 def test_help_explains_every_command() -> None:
     top = cli("--help")
     assert top.returncode == 0
-    for command in ("store", "brain", "hands", "up", "run", "demo", "sessions", "interrupt"):
+    for command in ("store", "brain", "hands", "proxy", "up", "run", "demo", "sessions", "interrupt", "credentials"):
         assert command in top.stdout
     store_help = cli("store", "--help")
     assert "--data-dir" in store_help.stdout and "SESSION_STORE_DATA_DIR" in store_help.stdout

@@ -10,6 +10,8 @@ import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.trace import TracerProvider
 
+from managed_agents.mesh.auth import client_interceptors
+
 MIB = 1024 * 1024
 
 
@@ -44,20 +46,27 @@ def dial(
     tracer_provider: TracerProvider | None = None,
     retry_methods: Sequence[tuple[str, str]] = (),
     max_message_bytes: int = 64 * MIB,
+    mesh_secret: str = "",
 ) -> grpc.aio.Channel:
     """An insecure `grpc.aio` channel to `target` (`host:port`).
 
     `target` may list several `host:port` separated by commas (replicas of one service, e.g. store servers
     sharing a PostgreSQL log): calls are spread round robin over the replicas that are up. `retry_methods`
     lists (full service name, method) pairs that are safe to retry on UNAVAILABLE. Calls are traced (and carry
-    `traceparent`) only when a tracer provider is given.
+    `traceparent`) only when a tracer provider is given. With `mesh_secret`, every call carries it (see
+    `managed_agents.mesh.auth`).
     """
     balanced = "," in target
     if balanced:
         target = "ipv4:" + target
+    interceptors: list[grpc.aio.ClientInterceptor] = []
+    if tracer_provider is not None:
+        interceptors.extend(aio_client_interceptors(tracer_provider=tracer_provider))
+    if mesh_secret:
+        interceptors.extend(client_interceptors(mesh_secret))
     return grpc.aio.insecure_channel(
         target,
-        interceptors=aio_client_interceptors(tracer_provider=tracer_provider) if tracer_provider else None,
+        interceptors=interceptors or None,
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),

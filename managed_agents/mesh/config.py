@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from managed_agents.mesh.auth import MeshSecretError, mesh_secret
+
 
 def add_flag(
     parser: argparse.ArgumentParser,
@@ -36,3 +38,11 @@ def parse_listen(value: str) -> str:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not host:port (e.g. 127.0.0.1:7301, or port 0 for any)")
     return value
+
+
+def mesh_secret_or_exit(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> str:
+    """The deployment's mesh secret (`managed_agents.mesh.auth`); a bad one ends the process with usage exit 2."""
+    try:
+        return mesh_secret(environ)
+    except MeshSecretError as error:
+        parser.error(str(error))

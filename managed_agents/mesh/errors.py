@@ -185,6 +185,13 @@ class TokenInvalid(MeshError):
     reason = "TOKEN_INVALID"
 
 
+class NotMeshPeer(MeshError):
+    """The caller did not present this mesh's secret (`managed_agents.mesh.auth`)."""
+
+    code = Code.UNAUTHENTICATED
+    reason = "NOT_MESH_PEER"
+
+
 class NotGranted(MeshError):
     """The session token does not grant what the call asks for."""
 

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.trace import TracerProvider
 
+from managed_agents.mesh.auth import SECRET_FILE_ENV, RequireMeshSecret
 from managed_agents.mesh.status import ErrorTranslatingServicer
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,11 @@ class MeshServer:
         tracer_provider: TracerProvider | None,
         max_message_bytes: int = 32 * MIB,
         on_stopping: Sequence[Callable[[], Awaitable[None]]] = (),
+        mesh_secret: str = "",
     ) -> None:
         """`on_stopping` hooks run once health reports NOT_SERVING and before in-flight calls are drained;
-        services use them to end their streams. Without a tracer provider the server is not instrumented."""
+        services use them to end their streams. Without a tracer provider the server is not instrumented. With
+        `mesh_secret`, calls without it are refused (`managed_agents.mesh.auth`)."""
         self._services = tuple(services)
         self._listen = listen
         self._on_stopping = tuple(on_stopping)
@@ -56,7 +59,10 @@ class MeshServer:
         self._stopped = asyncio.Event()
         self._stopping = False
         self.port = 0
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if mesh_secret:
+            interceptors.append(RequireMeshSecret(mesh_secret))
+        self._authenticated = bool(mesh_secret)
         if tracer_provider is not None:
             interceptors.append(
                 aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(filters.health_check()))
@@ -97,6 +103,12 @@ class MeshServer:
         for service in self._services:
             await self._health.set(service.name, health_pb2.HealthCheckResponse.SERVING)
         log.info("listening on %s", self.address)
+        if not self._authenticated:
+            log.warning(
+                "no mesh secret is configured (%s): this server accepts calls from anyone who can reach %s",
+                SECRET_FILE_ENV,
+                self.address,
+            )
         return self.address
 
     async def stop(self, grace: float = 10.0) -> None:
