@@ -1,5 +1,6 @@
 """One trace per turn across every process: the client's Wake, the brain's turn and model calls, EmitEvent in
-the store, Execute in hands; and a turn resumed by another brain after a crash links back to the one cut off."""
+the store, Execute in hands, CallTool in the mcp_proxy; and a turn resumed by another brain after a crash
+links back to the one cut off."""
 
 from __future__ import annotations
 
@@ -18,9 +19,13 @@ from managed_agents import events
 from managed_agents.procs import ServiceProcess
 from managed_agents.standin.script import Script, step, text, tool
 from managed_agents.standin.server import StandinServer
+from managed_agents.v1 import session_pb2
+from mcp_proxy.client import McpProxyClient
+from mcp_proxy.vault import VaultKey, write_key_file
 from session_store.client import SessionStoreClient
 from tests.brain.helpers import wait_idle
 from tests.e2e.collector import CollectedSpan, Collector
+from tests.mcp_proxy.servers import Upstream, credential_for
 
 pytestmark = pytest.mark.slow
 
@@ -62,15 +67,25 @@ async def test_one_trace_follows_a_turn_through_every_process(tmp_path: Path, co
         Script(
             steps=(
                 step(tool("bash", command="echo traced")),
+                step(tool("files__add", a=1, b=2)),
                 step(text("done")),
             )
         )
     )
+    upstream = await Upstream().start()
+    key_file = tmp_path / "vault.key"
+    write_key_file(key_file, VaultKey.generate())
+    proxy = ServiceProcess(
+        "mcp_proxy",
+        ["--data-dir", str(tmp_path / "proxy"), "--key-file", str(key_file)],
+        tmp_path / "p",
+        env=env,
+    ).start()
     store = ServiceProcess("session_store", ["--data-dir", str(tmp_path / "store")], tmp_path / "s", env=env).start()
     hands = ServiceProcess("hands", ["--work-root", str(tmp_path / "sb")], tmp_path / "h", env=env).start()
     brain = ServiceProcess(
         "brain",
-        ["--store", store.address, "--hands", hands.address],
+        ["--store", store.address, "--hands", hands.address, "--proxy", proxy.address],
         tmp_path / "b",
         env={**env, "ANTHROPIC_BASE_URL": standin.base_url, "ANTHROPIC_API_KEY": "k"},
     ).start()
@@ -81,8 +96,10 @@ async def test_one_trace_follows_a_turn_through_every_process(tmp_path: Path, co
         BatchSpanProcessor(OTLPSpanExporter(endpoint=collector.endpoint, insecure=True))
     )
     try:
+        async with McpProxyClient.connect(proxy.address) as vault:
+            await vault.put_credential(*credential_for(upstream))
         async with SessionStoreClient.connect(store.address) as store_client:
-            session = await store_client.create_session()
+            session = await store_client.create_session(agent=session_pb2.AgentConfig(mcp_servers=["files"]))
             await store_client.emit(session.id, events.user_message("trace me"))
             async with BrainClient.connect(brain.address, tracer_provider=client_provider) as brain_client:
                 with client_provider.get_tracer("test").start_as_current_span("client.turn") as root:
@@ -92,10 +109,12 @@ async def test_one_trace_follows_a_turn_through_every_process(tmp_path: Path, co
         await asyncio.to_thread(client_provider.force_flush)
         await collector.wait_for(lambda c: any(s.name == "brain.turn" for s in c.trace(trace_id)))
         await collector.wait_for(
-            lambda c: {"session-store", "hands", "brain"} <= {s.service for s in c.trace(trace_id)}
+            lambda c: {"session-store", "hands", "brain", "mcp-proxy"} <= {s.service for s in c.trace(trace_id)}
         )
     finally:
         brain.stop()
+        proxy.stop()
+        await upstream.stop()
         hands.stop()
         store.stop()
         client_provider.shutdown()
@@ -103,7 +122,7 @@ async def test_one_trace_follows_a_turn_through_every_process(tmp_path: Path, co
     spans = collector.trace(trace_id)
     index = _by_id(spans)
     services = {s.service for s in spans}
-    assert {"test-client", "brain", "session-store", "hands"} <= services
+    assert {"test-client", "brain", "session-store", "hands", "mcp-proxy"} <= services
     turn = next(s for s in spans if s.name == "brain.turn")
     wake_server = index[turn.parent_span_id]
     assert (wake_server.service, wake_server.kind) == ("brain", SERVER) and wake_server.name.endswith("/Wake")
@@ -111,10 +130,13 @@ async def test_one_trace_follows_a_turn_through_every_process(tmp_path: Path, co
     chain = [s.name for s in _ancestors(execute, index)]
     assert chain[:3] == ["/managed_agents.v1.HandsService/Execute", "brain.tool_call", "brain.turn"]
     assert chain[-1] == "client.turn"
+    call_tool = next(s for s in spans if s.service == "mcp-proxy" and s.name.endswith("/CallTool") and s.kind == SERVER)
+    chain = [s.name for s in _ancestors(call_tool, index)]
+    assert chain[:3] == ["/managed_agents.v1.McpProxyService/CallTool", "brain.tool_call", "brain.turn"]
     emits = [s for s in spans if s.service == "session-store" and s.name.endswith("/BatchEmitEvents")]
     assert emits and all("brain.turn" in [a.name for a in _ancestors(e, index)] for e in emits)
     model_calls = [s for s in spans if s.name == "brain.model_call"]
-    assert len(model_calls) == 2 and all(s.attributes.get("gen_ai.usage.output_tokens") for s in model_calls)
+    assert len(model_calls) == 3 and all(s.attributes.get("gen_ai.usage.output_tokens") for s in model_calls)
     # Every event the brain wrote in this turn names this trace.
     written = [e for e in log if e.producer.startswith("brain/")]
     assert written and {e.trace_id for e in written} == {trace_id}
