@@ -7,10 +7,15 @@ import json
 import os
 import re
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+import pytest
 
 from managed_agents.standin.script import Script, step, text
 from session_store.app import StoreServer
+from session_store.app import start as start_store
+from session_store.config import StoreConfig
 from tests.conftest import StartBrain, StartStandin
 from tests.helpers import ROOT
 
@@ -27,11 +32,29 @@ def readme_commands() -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip().startswith("grpcurl ")]
 
 
+SECRET = "readme-grpcurl-test-mesh-secret-0123456789"
+
+
+@pytest.fixture
+async def closed_store(tmp_path: Path) -> AsyncIterator[StoreServer]:
+    config = StoreConfig(listen="127.0.0.1:0", data_dir=tmp_path / "closed-store", mesh_secret=SECRET)
+    server = await start_store(config, None)
+    yield server
+    await server.aclose(grace=1.0)
+
+
 async def test_the_readme_grpcurl_commands_work_verbatim(
-    store_server: StoreServer, start_standin: StartStandin, start_brain: StartBrain
+    closed_store: StoreServer, start_standin: StartStandin, start_brain: StartBrain
 ) -> None:
-    brain = await start_brain(await start_standin(Script(steps=(step(text("hello from the mesh")),))))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "S": store_server.address, "B": brain.address}
+    standin = await start_standin(Script(steps=(step(text("hello from the mesh")),)))
+    brain = await start_brain(standin, store=closed_store.address, mesh_secret=SECRET)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "S": closed_store.address,
+        "B": brain.address,
+        "H": f"authorization: Bearer {SECRET}",
+    }
     commands = readme_commands()
     assert len(commands) >= 9
     outputs = {}
@@ -57,3 +80,14 @@ async def test_the_readme_grpcurl_commands_work_verbatim(
     assert [e["type"] for e in session["events"]][:2] == ["user.message", "session.status_running"]
     assert "hello from the mesh" in outputs["managed_agents.v1.SessionService/WatchSession"]
     assert json.loads(outputs["grpc.health.v1.Health/Check"])["status"] == "SERVING"
+    # The same command without the secret is refused, with a sentence.
+    refused = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        commands[0].replace('-H "$H" ', ""),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await refused.communicate()
+    assert refused.returncode != 0 and "accepts calls only from its mesh" in err.decode()
