@@ -42,6 +42,19 @@ async def store_server(tmp_path: Path) -> AsyncIterator[app.StoreServer]:
     await server.aclose(grace=1.0)
 
 
+# A mesh secret for servers closed to outsiders (managed_agents.mesh.auth).
+MESH_SECRET = "tests-mesh-secret-0123456789-abcdefghijklmnop"
+
+
+@pytest.fixture
+async def closed_store(tmp_path: Path) -> AsyncIterator[app.StoreServer]:
+    """A session store that accepts only calls carrying `MESH_SECRET`."""
+    config = StoreConfig(listen="127.0.0.1:0", data_dir=tmp_path / "closed-store", mesh_secret=MESH_SECRET)
+    server = await app.start(config, None)
+    yield server
+    await server.aclose(grace=1.0)
+
+
 @pytest.fixture
 async def store(store_server: app.StoreServer) -> AsyncIterator[SessionStoreClient]:
     """A client connected to `store_server` over loopback gRPC."""

@@ -7,7 +7,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -19,24 +18,14 @@ from managed_agents.local_mesh import SECRET_FILE, LocalMesh
 from managed_agents.mesh.auth import SECRET_ENV
 from managed_agents.mesh.errors import NotMeshPeer
 from managed_agents.v1 import session_pb2, session_pb2_grpc
-from session_store import app
+from session_store.app import StoreServer
 from session_store.client import SessionStoreClient
-from session_store.config import StoreConfig
+from tests.conftest import MESH_SECRET
 from tests.helpers import ROOT
 
-SECRET = "s" * 20 + "-a-mesh-secret-for-tests-0123456789"
 
-
-@pytest.fixture
-async def closed_store(tmp_path: Path) -> AsyncIterator[app.StoreServer]:
-    config = StoreConfig(listen="127.0.0.1:0", data_dir=tmp_path / "store", mesh_secret=SECRET)
-    server = await app.start(config, None)
-    yield server
-    await server.aclose(grace=1.0)
-
-
-async def test_calls_with_the_secret_pass_unary_and_streaming(closed_store: app.StoreServer) -> None:
-    async with SessionStoreClient.connect(closed_store.address, mesh_secret=SECRET) as store:
+async def test_calls_with_the_secret_pass_unary_and_streaming(closed_store: StoreServer) -> None:
+    async with SessionStoreClient.connect(closed_store.address, mesh_secret=MESH_SECRET) as store:
         session = await store.create_session()
         await store.emit(session.id, events.user_message("hello"))
         async for event in store.watch(session.id):
@@ -44,9 +33,9 @@ async def test_calls_with_the_secret_pass_unary_and_streaming(closed_store: app.
             break
 
 
-@pytest.mark.parametrize("sent", ["", "Bearer wrong-secret", f"Basic {SECRET}"])
+@pytest.mark.parametrize("sent", ["", "Bearer wrong-secret", f"Basic {MESH_SECRET}"])
 async def test_calls_without_the_secret_are_unauthenticated_with_a_sentence(
-    closed_store: app.StoreServer, sent: str
+    closed_store: StoreServer, sent: str
 ) -> None:
     async with grpc.aio.insecure_channel(closed_store.address) as channel:
         stub = session_pb2_grpc.SessionServiceStub(channel)

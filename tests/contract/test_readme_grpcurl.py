@@ -7,16 +7,11 @@ import json
 import os
 import re
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from managed_agents.standin.script import Script, step, text
 from session_store.app import StoreServer
-from session_store.app import start as start_store
-from session_store.config import StoreConfig
-from tests.conftest import StartBrain, StartStandin
+from tests.conftest import MESH_SECRET, StartBrain, StartStandin
 from tests.helpers import ROOT
 
 BIN = Path(sys.executable).parent
@@ -32,28 +27,17 @@ def readme_commands() -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip().startswith("grpcurl ")]
 
 
-SECRET = "readme-grpcurl-test-mesh-secret-0123456789"
-
-
-@pytest.fixture
-async def closed_store(tmp_path: Path) -> AsyncIterator[StoreServer]:
-    config = StoreConfig(listen="127.0.0.1:0", data_dir=tmp_path / "closed-store", mesh_secret=SECRET)
-    server = await start_store(config, None)
-    yield server
-    await server.aclose(grace=1.0)
-
-
 async def test_the_readme_grpcurl_commands_work_verbatim(
     closed_store: StoreServer, start_standin: StartStandin, start_brain: StartBrain
 ) -> None:
     standin = await start_standin(Script(steps=(step(text("hello from the mesh")),)))
-    brain = await start_brain(standin, store=closed_store.address, mesh_secret=SECRET)
+    brain = await start_brain(standin, store=closed_store.address, mesh_secret=MESH_SECRET)
     env = {
         **os.environ,
         "PATH": f"{BIN}:{os.environ['PATH']}",
         "S": closed_store.address,
         "B": brain.address,
-        "H": f"authorization: Bearer {SECRET}",
+        "H": f"authorization: Bearer {MESH_SECRET}",
     }
     commands = readme_commands()
     assert len(commands) >= 9
