@@ -1,0 +1,79 @@
+"""What the mesh secret costs per call: the same store process, open and closed.
+
+Two session store processes (SQLite), one without a mesh secret and one with; the same client loop against
+each: sequential `EmitEvent` round trips (latency) and 16 concurrent writers (throughput). Rounds alternate
+between the two servers so that a noisy machine affects both alike.
+
+    python bench/auth_bench.py [--calls 2000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from contextlib import ExitStack
+
+from bench.common import service, summary_ms, table
+from managed_agents import events
+from managed_agents.mesh.auth import SECRET_ENV
+from session_store.client import SessionStoreClient
+
+SECRET = "bench-mesh-secret-0123456789-abcdefghijklmnop"
+
+
+async def _sequential(address: str, secret: str, calls: int) -> list[float]:
+    async with SessionStoreClient.connect(address, mesh_secret=secret) as store:
+        session = await store.create_session()
+        for _ in range(50):  # warm the channel and the server
+            await store.emit(session.id, events.user_message("warm"))
+        samples = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            await store.emit(session.id, events.user_message("x"))
+            samples.append(time.perf_counter() - started)
+        return samples
+
+
+async def _throughput(address: str, secret: str, calls: int, writers: int = 16) -> float:
+    async with SessionStoreClient.connect(address, mesh_secret=secret) as store:
+        sessions = [(await store.create_session()).id for _ in range(writers)]
+
+        async def writer(session_id: str) -> None:
+            for _ in range(calls // writers):
+                await store.emit(session_id, events.user_message("x"))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(writer(s) for s in sessions))
+        return (calls // writers * writers) / (time.perf_counter() - started)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=2000, help="calls per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per server")
+    args = parser.parse_args()
+    with ExitStack() as stack:
+        data = stack.enter_context(tempfile.TemporaryDirectory())
+        open_address = stack.enter_context(service("session_store", "--data-dir", f"{data}/open"))
+        os.environ[SECRET_ENV] = SECRET  # inherited by the closed server's process only
+        closed_address = stack.enter_context(service("session_store", "--data-dir", f"{data}/closed"))
+        del os.environ[SECRET_ENV]
+        latency: dict[str, list[float]] = {"open": [], "closed": []}
+        rates: dict[str, list[float]] = {"open": [], "closed": []}
+        for _ in range(args.rounds):
+            for name, address, secret in (("open", open_address, ""), ("closed", closed_address, SECRET)):
+                latency[name] += await _sequential(address, secret, args.calls)
+                rates[name].append(await _throughput(address, secret, args.calls))
+    rows = []
+    for name in ("open", "closed"):
+        rows.append((f"EmitEvent sequential, {name}", summary_ms(latency[name])))
+        best = max(rates[name])
+        rows.append((f"EmitEvent 16 writers, {name}", f"{best:8.0f} ev/s (best of {args.rounds})"))
+    table("mesh secret overhead (one store process each, SQLite)", rows)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
