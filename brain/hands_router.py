@@ -1,7 +1,9 @@
 """Several hands servers behind the brain's one `Hands` interface.
 
 Placement: a new sandbox goes to the reachable hands server with the fewest live sandboxes (ties broken at
-random), so load spreads and a server that is down is skipped. Routing: a sandbox stays with the server that
+random), so load spreads and a server that is down is skipped. A sandbox that asks for placement labels
+(`resources.labels`, e.g. `gpu=a100`) goes to the least loaded server carrying all of them: servers that do
+not refuse it, and the next is asked. Routing: a sandbox stays with the server that
 made it; the brain remembers the owner, and a brain that never saw the sandbox (it woke the session after
 another brain died) asks the servers which one has it. No mapping is stored anywhere but in the servers
 themselves, so any brain can reach any sandbox.
@@ -16,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from google.protobuf import struct_pb2
 
 from hands.client import HandsClient
-from managed_agents.mesh.errors import MeshError, SandboxNotFound, Unavailable
+from managed_agents.mesh.errors import LabelsNotCarried, MeshError, SandboxNotFound, Unavailable
 from managed_agents.v1 import hands_pb2, sandbox_pb2
 
 
@@ -44,13 +46,20 @@ class HandsRouter:
         ]
         if not candidates:
             raise Unavailable("no hands server is reachable to provision a sandbox")
+        refusals: list[str] = []
         for _, _, server in sorted(candidates, key=lambda c: (c[0], c[1])):
             try:
                 sandbox = await server.provision(resources=resources, session_id=session_id, request_id=request_id)
             except Unavailable:
                 continue
+            except LabelsNotCarried as refused:
+                refusals.append(refused.message)
+                continue
             self._owners[sandbox.id] = server
             return sandbox
+        if refusals and len(refusals) == len(candidates):
+            asked = ", ".join(f"{k}={v}" for k, v in sorted(resources.labels.items())) if resources else ""
+            raise LabelsNotCarried(f"no reachable hands server carries the labels {asked}")
         raise Unavailable("every hands server failed to provision a sandbox")
 
     async def _owner(self, sandbox_id: str) -> HandsClient:

@@ -792,7 +792,16 @@ class SessionRun:
         deadline = time.monotonic() + 60
         while True:
             try:
-                sandbox = await self._sandbox_for(use.id)
+                try:
+                    sandbox = await self._sandbox_for(use.id)
+                except (Unavailable, DeadlineExceeded):
+                    raise
+                except MeshError as error:
+                    # The session asks for a sandbox hands cannot make (labels no server carries, bad limits):
+                    # the model hears why; nothing ran.
+                    return _tool_result(
+                        use.id, f"No sandbox could be provisioned, so this call did not run: {error}", is_error=True
+                    )
                 response = await self._harness.hands.execute(
                     sandbox,
                     execution_id=use.id,

@@ -54,7 +54,7 @@ async def start(
         [
             Service(
                 SERVICE_NAME,
-                HandsServicer(manager, defaults),
+                HandsServicer(manager, defaults, dict(config.labels)),
                 hands_pb2_grpc.add_HandsServiceServicer_to_server,
             )
         ],

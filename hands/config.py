@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from managed_agents.mesh.config import add_flag, mesh_secret_or_exit, parse_listen
+
+_LABEL = re.compile(r"[A-Za-z0-9._-]{1,63}")
+
+
+def label_problem(key: str, value: str) -> str:
+    """Why `key=value` is not a valid placement label ('' if it is)."""
+    if not _LABEL.fullmatch(key):
+        return f"label key {key[:80]!r} is not 1 to 63 characters of [A-Za-z0-9._-]"
+    if not _LABEL.fullmatch(value):
+        return f"label value {value[:80]!r} of {key!r} is not 1 to 63 characters of [A-Za-z0-9._-]"
+    return ""
+
+
+def parse_labels(text: str) -> tuple[tuple[str, str], ...]:
+    """`key=value,key=value` as sorted pairs; raises `ArgumentTypeError` with a sentence."""
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{item!r} is not key=value")
+        if problem := label_problem(key, value):
+            raise argparse.ArgumentTypeError(problem)
+        pairs[key] = value
+    return tuple(sorted(pairs.items()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +46,7 @@ class HandsConfig:
     instance: str = ""
     docker_url: str = ""
     default_image: str = "localhost/managed-agents-sandbox:1"
+    labels: tuple[tuple[str, str], ...] = ()
     port_file: Path | None = None
     grace_seconds: float = 10.0
     log_level: str = "info"
@@ -87,6 +113,14 @@ class HandsConfig:
             d.default_image,
             "container image for --backend docker when a sandbox asks for none",
         )
+        flag(
+            "--labels",
+            "HANDS_LABELS",
+            "",
+            "placement labels this server carries, as key=value,key=value; a sandbox that asks for labels "
+            "(resources.labels) is placed only on a server carrying all of them",
+            type=parse_labels,
+        )
         flag("--port-file", "HANDS_PORT_FILE", None, "write the bound host:port here once serving", type=Path)
         flag("--grace", "HANDS_GRACE", d.grace_seconds, "seconds in-flight calls get on SIGTERM", type=float)
         flag(
@@ -110,6 +144,7 @@ class HandsConfig:
             instance=args.instance,
             docker_url=args.docker_url,
             default_image=args.default_image,
+            labels=args.labels,
             port_file=args.port_file,
             grace_seconds=args.grace,
             log_level=args.log_level,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -9,15 +10,17 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from hands.backend import Limits
+from hands.config import label_problem
 from hands.sandboxes import DESTROYED, LOST, Sandbox, SandboxManager
 from hands.tools import bash, text_editor
 from managed_agents.mesh import paging
-from managed_agents.mesh.errors import InvalidArgument
+from managed_agents.mesh.errors import InvalidArgument, LabelsNotCarried
 from managed_agents.mesh.ids import is_key, is_resource_id
 from managed_agents.v1 import hands_pb2, hands_pb2_grpc, sandbox_pb2
 
 SERVICE_NAME = hands_pb2.DESCRIPTOR.services_by_name["HandsService"].full_name
 MAX_INPUT_BYTES = 1 << 20
+MAX_LABELS = 16
 _STATES = {
     "ready": sandbox_pb2.SANDBOX_STATE_READY,
     LOST: sandbox_pb2.SANDBOX_STATE_LOST,
@@ -41,6 +44,22 @@ def tool_specs() -> list[sandbox_pb2.ToolSpec]:
             )
         )
     return specs
+
+
+def check_labels(asked: Mapping[str, str], carried: Mapping[str, str]) -> None:
+    """Refuses a sandbox whose placement labels this server does not carry (the router then tries another)."""
+    if len(asked) > MAX_LABELS:
+        raise InvalidArgument.field("resources.labels", f"at most {MAX_LABELS} labels (got {len(asked)})")
+    for key, value in asked.items():
+        if problem := label_problem(key, value):
+            raise InvalidArgument.field("resources.labels", problem)
+    missing = sorted(f"{k}={v}" for k, v in asked.items() if carried.get(k) != v)
+    if missing:
+        has = ", ".join(f"{k}={v}" for k, v in sorted(carried.items())) or "none"
+        raise LabelsNotCarried(
+            f"this hands server does not carry the labels {', '.join(missing)} (its labels: {has})",
+            metadata={"missing": ",".join(missing)},
+        )
 
 
 def limits_from(resources: sandbox_pb2.Resources, defaults: Limits, *, docker: bool) -> Limits:
@@ -133,9 +152,10 @@ def _sandbox_id(value: str) -> str:
 class HandsServicer(hands_pb2_grpc.HandsServiceServicer):
     """Serves `managed_agents.v1.HandsService` from a `SandboxManager`."""
 
-    def __init__(self, manager: SandboxManager, defaults: Limits) -> None:
+    def __init__(self, manager: SandboxManager, defaults: Limits, labels: Mapping[str, str] | None = None) -> None:
         self._manager = manager
         self._defaults = defaults
+        self._labels = dict(labels or {})
 
     async def Provision(
         self, request: hands_pb2.ProvisionRequest, context: grpc.aio.ServicerContext
@@ -144,6 +164,7 @@ class HandsServicer(hands_pb2_grpc.HandsServiceServicer):
             raise InvalidArgument.field("request_id", "must be 1 to 128 characters of [A-Za-z0-9._:-]")
         if request.session_id and not is_resource_id(request.session_id):
             raise InvalidArgument.field("session_id", "is not a session id")
+        check_labels(request.resources.labels, self._labels)
         limits = limits_from(request.resources, self._defaults, docker=self._manager.backend.name == "docker")
         sandbox = await self._manager.provision(limits, session_id=request.session_id, request_id=request.request_id)
         return hands_pb2.ProvisionResponse(sandbox=sandbox_message(sandbox, self._manager))

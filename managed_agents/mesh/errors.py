@@ -12,8 +12,10 @@
     +-- LeaseHeld                  FAILED_PRECONDITION  LEASE_HELD (metadata: holder, epoch, expire_time)
     +-- IdempotencyKeyReused       FAILED_PRECONDITION  IDEMPOTENCY_KEY_REUSED
     +-- SandboxLost                FAILED_PRECONDITION  SANDBOX_LOST
+    +-- LabelsNotCarried           FAILED_PRECONDITION  LABELS_NOT_CARRIED
     +-- SandboxUnavailable         UNAVAILABLE          SANDBOX_UNAVAILABLE
     +-- TokenInvalid               UNAUTHENTICATED      TOKEN_INVALID
+    +-- NotMeshPeer                UNAUTHENTICATED      NOT_MESH_PEER
     +-- NotGranted                 PERMISSION_DENIED    NOT_GRANTED
     +-- Unavailable                UNAVAILABLE          DEPENDENCY_UNAVAILABLE   (retryable)
     |   +-- ShuttingDown           UNAVAILABLE          SHUTTING_DOWN            (retryable)
@@ -140,6 +142,13 @@ class SequenceMismatch(MeshError):
     def last_seq(self) -> int:
         """The log's last sequence number when the append was refused."""
         return int(self.metadata.get("last_seq", "0"))
+
+
+class LabelsNotCarried(MeshError):
+    """The hands server does not carry the placement labels the sandbox asks for."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "LABELS_NOT_CARRIED"
 
 
 class LeaseFenced(MeshError):

@@ -58,6 +58,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A dependency of the server (store, hands, model endpoint) could not be reached (UNAVAILABLE)."""
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 16
     """An unexpected failure inside the server; the server log holds the details under the trace id (INTERNAL)."""
+    ERROR_REASON_NOT_MESH_PEER: _ErrorReason.ValueType  # 17
+    """The caller did not present the deployment's mesh secret (UNAUTHENTICATED)."""
+    ERROR_REASON_LABELS_NOT_CARRIED: _ErrorReason.ValueType  # 18
+    """No hands server asked carries the placement labels the sandbox asks for (FAILED_PRECONDITION)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reason of a failed call, sent as `google.rpc.ErrorInfo.reason` in the status details.
@@ -101,4 +105,8 @@ ERROR_REASON_DEPENDENCY_UNAVAILABLE: ErrorReason.ValueType  # 15
 """A dependency of the server (store, hands, model endpoint) could not be reached (UNAVAILABLE)."""
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 16
 """An unexpected failure inside the server; the server log holds the details under the trace id (INTERNAL)."""
+ERROR_REASON_NOT_MESH_PEER: ErrorReason.ValueType  # 17
+"""The caller did not present the deployment's mesh secret (UNAUTHENTICATED)."""
+ERROR_REASON_LABELS_NOT_CARRIED: ErrorReason.ValueType  # 18
+"""No hands server asked carries the placement labels the sandbox asks for (FAILED_PRECONDITION)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
