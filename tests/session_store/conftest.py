@@ -9,7 +9,7 @@ import pytest
 
 from session_store import app
 from session_store.config import StoreConfig
-from tests.conftest import fresh_database
+from tests.pg import fresh_database
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

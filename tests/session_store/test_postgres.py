@@ -15,8 +15,8 @@ from managed_agents.mesh.errors import LeaseFenced, LeaseHeld
 from session_store import app
 from session_store.client import SessionStoreClient
 from session_store.config import StoreConfig
-from tests.conftest import fresh_database
 from tests.helpers import ROOT
+from tests.pg import fresh_database
 
 
 @pytest.fixture
