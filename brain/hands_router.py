@@ -37,7 +37,12 @@ class HandsRouter:
         return len(page.sandboxes)
 
     async def provision(
-        self, *, resources: sandbox_pb2.Resources | None = None, session_id: str = "", request_id: str = ""
+        self,
+        *,
+        resources: sandbox_pb2.Resources | None = None,
+        session_id: str = "",
+        request_id: str = "",
+        credential_token: str = "",
     ) -> sandbox_pb2.Sandbox:
         """A sandbox on the least loaded reachable server."""
         loads = await asyncio.gather(*(self._load(s) for s in self._servers))
@@ -49,7 +54,9 @@ class HandsRouter:
         refusals: list[str] = []
         for _, _, server in sorted(candidates, key=lambda c: (c[0], c[1])):
             try:
-                sandbox = await server.provision(resources=resources, session_id=session_id, request_id=request_id)
+                sandbox = await server.provision(
+                    resources=resources, session_id=session_id, request_id=request_id, credential_token=credential_token
+                )
             except Unavailable:
                 continue
             except LabelsNotCarried as refused:
@@ -95,10 +102,18 @@ class HandsRouter:
         name: str,
         input: Mapping[str, object] | struct_pb2.Struct,
         timeout: float | None = None,
+        credential_token: str = "",
     ) -> hands_pb2.ExecuteResponse:
         """Runs a call on the sandbox's own server."""
         owner = await self._owner(sandbox_id)
-        return await owner.execute(sandbox_id, execution_id=execution_id, name=name, input=input, timeout=timeout)
+        return await owner.execute(
+            sandbox_id,
+            execution_id=execution_id,
+            name=name,
+            input=input,
+            timeout=timeout,
+            credential_token=credential_token,
+        )
 
     async def list_tools(self, sandbox_id: str = "") -> list[sandbox_pb2.ToolSpec]:
         """The tools, from the first server that answers (every server offers the same ones)."""

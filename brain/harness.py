@@ -57,7 +57,12 @@ class Hands(Protocol):
     """What the brain needs from the hands service (`hands.client.HandsClient` provides it)."""
 
     async def provision(
-        self, *, resources: sandbox_pb2.Resources | None = None, session_id: str = "", request_id: str = ""
+        self,
+        *,
+        resources: sandbox_pb2.Resources | None = None,
+        session_id: str = "",
+        request_id: str = "",
+        credential_token: str = "",
     ) -> sandbox_pb2.Sandbox: ...
 
     async def execute(
@@ -68,6 +73,7 @@ class Hands(Protocol):
         name: str,
         input: Mapping[str, object] | struct_pb2.Struct,
         timeout: float | None = None,
+        credential_token: str = "",
     ) -> hands_pb2.ExecuteResponse: ...
 
     async def list_tools(self, sandbox_id: str = "") -> list[sandbox_pb2.ToolSpec]: ...
@@ -212,7 +218,14 @@ class SessionRun:
         # Tool calls logged at or before this point were left by an earlier run (see `_run_mcp_tool`).
         self._resumed_at = self.last_seq
         self._tools: ToolSet | None = None
-        self._mcp = SessionMcp(harness.proxy, session.id, list(session.agent.mcp_servers))
+        repositories = session.agent.resources.repositories
+        self._mcp = SessionMcp(
+            harness.proxy,
+            session.id,
+            list(session.agent.mcp_servers),
+            [r.credential for r in repositories if r.credential],
+        )
+        self._has_repositories = bool(repositories)
         self._lease_lost: str | None = None
         self._done = False
         self.task: asyncio.Task[None] | None = None
@@ -765,6 +778,17 @@ class SessionRun:
         )
         return _tool_result(use_id, render_events(list(page.events)), is_error=False)
 
+    async def _credential_token(self) -> str:
+        """The session token for the sandbox's git relay; '' when the session has no repositories."""
+        if not self._has_repositories:
+            return ""
+        try:
+            return await self._mcp.token()
+        except McpUnavailable as error:
+            # Hands then refuses to clone with its own sentence; the model hears it as the tool's error.
+            log.warning("session %s: no session token for its repositories: %s", self.session_id, error)
+            return ""
+
     async def _sandbox_for(self, use_id: str) -> str:
         sandbox = current_sandbox(self._events)
         if sandbox:
@@ -776,6 +800,7 @@ class SessionRun:
                 resources=self.session.agent.resources if self.session.agent.HasField("resources") else None,
                 session_id=self.session_id,
                 request_id=f"{self.session_id}.{use_id}",
+                credential_token=await self._credential_token(),
             )
         await self._emit(
             events_pb2.Event(
@@ -808,6 +833,7 @@ class SessionRun:
                     name=use.name,
                     input=use.input,
                     timeout=self._config.tool_timeout,
+                    credential_token=await self._credential_token(),
                 )
                 break
             except NotFound:

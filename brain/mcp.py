@@ -64,12 +64,15 @@ def split_tool_name(name: str, servers: Sequence[str]) -> tuple[str, str] | None
 
 
 class SessionMcp:
-    """One run's access to its session's MCP servers."""
+    """One run's access to its session's MCP servers, and the token its sandbox's git relay presents."""
 
-    def __init__(self, proxy: McpProxy | None, session_id: str, servers: Sequence[str]) -> None:
+    def __init__(
+        self, proxy: McpProxy | None, session_id: str, servers: Sequence[str], git_credentials: Sequence[str] = ()
+    ) -> None:
         self._proxy = proxy
         self._session_id = session_id
         self.servers = list(servers)
+        self._grants = sorted(set(servers) | set(git_credentials))
         self._token = ""
         self._expires = 0.0
         self._lock = asyncio.Lock()
@@ -86,10 +89,14 @@ class SessionMcp:
         proxy = self._require_proxy()
         async with self._lock:
             if fresh or not self._token or time.monotonic() > self._expires - _RENEW_BEFORE:
-                minted = await proxy.mint_session_token(self._session_id, self.servers, ttl=TOKEN_TTL)
+                minted = await proxy.mint_session_token(self._session_id, self._grants, ttl=TOKEN_TTL)
                 self._token = minted.token
                 self._expires = time.monotonic() + TOKEN_TTL
             return self._token
+
+    async def token(self) -> str:
+        """The session's current token (minted or renewed as needed), for hands' git relay."""
+        return await self._session_token()
 
     async def tools(self) -> list[sandbox_pb2.ToolSpec]:
         """The granted servers' tools; raises `McpUnavailable` with a sentence if they cannot be listed."""

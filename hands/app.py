@@ -7,10 +7,12 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from hands.backend import Limits, SandboxBackend
 from hands.config import HandsConfig
+from hands.git_relay import GitRelays
 from hands.sandboxes import SandboxManager
 from hands.server import SERVICE_NAME, HandsServicer
 from managed_agents.mesh.server import MeshServer, Service
 from managed_agents.v1 import hands_pb2_grpc
+from mcp_proxy.client import McpProxyClient
 
 
 class HandsServer:
@@ -48,7 +50,8 @@ async def start(
     """Adopts sandboxes left on disk, then serves."""
     backend = backend or make_backend(config)
     defaults = Limits(image=config.default_image if backend.name == "docker" else "")
-    manager = SandboxManager(backend, config.work_root, instance=config.instance_name)
+    proxy = McpProxyClient.connect(config.proxy, mesh_secret=config.mesh_secret) if config.proxy else None
+    manager = SandboxManager(backend, config.work_root, instance=config.instance_name, git=GitRelays(proxy))
     await manager.start()
     server = MeshServer(
         [

@@ -100,6 +100,11 @@ class ShellProcess(Protocol):
         """Like `exit_description`, after waiting up to `timeout` seconds for the shell to be reaped."""
         ...
 
+    async def namespace_pid(self) -> int | None:
+        """A host pid of a process inside the sandbox's namespaces (its shell), through which hands can enter
+        the sandbox's network namespace; None if the sandbox does not run on this host's kernel."""
+        ...
+
 
 class SandboxBackend(Protocol):
     """Makes sandboxes and starts shells in them."""

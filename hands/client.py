@@ -45,10 +45,17 @@ class HandsClient:
         await self.aclose()
 
     async def provision(
-        self, *, resources: sandbox_pb2.Resources | None = None, session_id: str = "", request_id: str = ""
+        self,
+        *,
+        resources: sandbox_pb2.Resources | None = None,
+        session_id: str = "",
+        request_id: str = "",
+        credential_token: str = "",
     ) -> sandbox_pb2.Sandbox:
-        """A ready sandbox (the same one again for a repeated `request_id`)."""
-        request = hands_pb2.ProvisionRequest(session_id=session_id, request_id=request_id)
+        """A ready sandbox (the same one again for a repeated `request_id`), its repositories cloned."""
+        request = hands_pb2.ProvisionRequest(
+            session_id=session_id, request_id=request_id, credential_token=credential_token
+        )
         if resources is not None:
             request.resources.CopyFrom(resources)
         with translated_errors():
@@ -63,6 +70,7 @@ class HandsClient:
         name: str,
         input: Mapping[str, object] | struct_pb2.Struct,
         timeout: float | None = None,
+        credential_token: str = "",
     ) -> hands_pb2.ExecuteResponse:
         """Runs one tool call (or returns the stored result of this execution id)."""
         if isinstance(input, struct_pb2.Struct):
@@ -70,7 +78,13 @@ class HandsClient:
         else:
             arguments = struct_pb2.Struct()
             arguments.update(dict(input))  # type: ignore[arg-type]  # JSON-like values
-        request = hands_pb2.ExecuteRequest(sandbox_id=sandbox_id, execution_id=execution_id, name=name, input=arguments)
+        request = hands_pb2.ExecuteRequest(
+            sandbox_id=sandbox_id,
+            execution_id=execution_id,
+            name=name,
+            input=arguments,
+            credential_token=credential_token,
+        )
         deadline = None
         if timeout is not None:
             request.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout), nanos=int(timeout % 1 * 1e9)))

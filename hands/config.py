@@ -47,6 +47,7 @@ class HandsConfig:
     docker_url: str = ""
     default_image: str = "localhost/managed-agents-sandbox:1"
     labels: tuple[tuple[str, str], ...] = ()
+    proxy: str = ""
     port_file: Path | None = None
     grace_seconds: float = 10.0
     log_level: str = "info"
@@ -121,6 +122,13 @@ class HandsConfig:
             "(resources.labels) is placed only on a server carrying all of them",
             type=parse_labels,
         )
+        flag(
+            "--proxy",
+            "HANDS_PROXY",
+            d.proxy,
+            "mcp_proxy address (host:port) whose git relay clones, fetches and pushes the repositories sandboxes "
+            "ask for, adding the vault's tokens outside the sandbox; empty refuses repositories",
+        )
         flag("--port-file", "HANDS_PORT_FILE", None, "write the bound host:port here once serving", type=Path)
         flag("--grace", "HANDS_GRACE", d.grace_seconds, "seconds in-flight calls get on SIGTERM", type=float)
         flag(
@@ -145,6 +153,7 @@ class HandsConfig:
             docker_url=args.docker_url,
             default_image=args.default_image,
             labels=args.labels,
+            proxy=args.proxy,
             port_file=args.port_file,
             grace_seconds=args.grace,
             log_level=args.log_level,

@@ -15,23 +15,26 @@ import asyncio
 import contextlib
 import json
 import logging
+import shlex
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hands.backend import CONTROL_MOUNT, Limits, SandboxBackend, SandboxPaths
 from hands.executions import ExecResult, ExecStatus, ExecutionLog
+from hands.git_relay import GitRelays, Repository, SandboxRelay, relay_socket
 from hands.shell import Shell
 from hands.tools import bash, text_editor
-from managed_agents.mesh.errors import SandboxNotFound
+from managed_agents.mesh.errors import FailedPrecondition, SandboxNotFound
 from managed_agents.mesh.ids import SANDBOX_PREFIX, new_id
 
 log = logging.getLogger(__name__)
 
 READY, LOST, DESTROYED = "ready", "lost", "destroyed"
+CLONE_TIMEOUT = 600.0
 TOOLS = (bash.NAME, text_editor.NAME)
 
 
@@ -53,6 +56,8 @@ class Sandbox:
     inflight: dict[str, asyncio.Task[ExecResult]] = field(default_factory=dict)
     executions: ExecutionLog | None = None
     oom_seen: int = 0
+    repositories: list[Repository] = field(default_factory=list)
+    relay: SandboxRelay | None = None
 
     def metadata(self) -> dict[str, Any]:
         """What is written to `sandbox.json`."""
@@ -64,14 +69,18 @@ class Sandbox:
             "request_id": self.request_id,
             "state": self.state,
             "lost_reason": self.lost_reason,
+            "repositories": [asdict(r) for r in self.repositories],
         }
 
 
 class SandboxManager:
     """All sandboxes of this server, on one backend, under one work root."""
 
-    def __init__(self, backend: SandboxBackend, work_root: Path, *, instance: str) -> None:
+    def __init__(
+        self, backend: SandboxBackend, work_root: Path, *, instance: str, git: GitRelays | None = None
+    ) -> None:
         self.backend = backend
+        self._git = git or GitRelays(None)
         self.instance = instance
         self._root = work_root
         self._sandboxes: dict[str, Sandbox] = {}
@@ -97,6 +106,7 @@ class SandboxManager:
                     state=meta.get("state", READY),
                     lost_reason=meta.get("lost_reason", ""),
                     last_used=time.time(),
+                    repositories=[Repository(**r) for r in meta.get("repositories", [])],
                 )
             except (OSError, ValueError, KeyError, TypeError) as error:
                 log.warning("ignoring %s: %s", meta_path, error)
@@ -122,7 +132,10 @@ class SandboxManager:
                 task.cancel()
             if sandbox.shell is not None:
                 await sandbox.shell.close()
+            if sandbox.relay is not None:
+                await sandbox.relay.aclose()
         await self.backend.aclose()
+        await self._git.aclose()
 
     async def _reap_idle(self) -> None:
         while True:
@@ -149,8 +162,17 @@ class SandboxManager:
 
     # Provisioning ----------------------------------------------------------------------------------------
 
-    async def provision(self, limits: Limits, *, session_id: str = "", request_id: str = "") -> Sandbox:
-        """A new ready sandbox (or, for a request id seen before, the sandbox made for it)."""
+    async def provision(
+        self,
+        limits: Limits,
+        *,
+        session_id: str = "",
+        request_id: str = "",
+        repositories: Sequence[Repository] = (),
+        credential_token: str = "",
+    ) -> Sandbox:
+        """A new ready sandbox, its repositories cloned (or, for a request id seen before, the sandbox made
+        for it)."""
         if request_id:
             known = self._by_request.get(request_id)
             if known is not None:
@@ -158,7 +180,9 @@ class SandboxManager:
             pending = self._provisioning.get(request_id)
             if pending is not None:
                 return await asyncio.shield(pending)
-        task = asyncio.create_task(self._provision(limits, session_id, request_id))
+        task = asyncio.create_task(
+            self._provision(limits, session_id, request_id, list(repositories), credential_token)
+        )
         if request_id:
             self._provisioning[request_id] = task
         try:
@@ -167,7 +191,9 @@ class SandboxManager:
             if request_id:
                 self._provisioning.pop(request_id, None)
 
-    async def _provision(self, limits: Limits, session_id: str, request_id: str) -> Sandbox:
+    async def _provision(
+        self, limits: Limits, session_id: str, request_id: str, repositories: list[Repository], token: str
+    ) -> Sandbox:
         sandbox_id = new_id(SANDBOX_PREFIX)
         paths = SandboxPaths(self._root / sandbox_id)
         paths.create()
@@ -180,13 +206,19 @@ class SandboxManager:
             session_id=session_id,
             request_id=request_id,
             last_used=now,
+            repositories=repositories,
         )
         sandbox.executions = ExecutionLog(paths.state / "executions")
         try:
             await self.backend.create(sandbox_id, paths, limits)
             # A warm shell now makes the first call as fast as the next ones.
-            sandbox.shell = await self._start_shell(sandbox)
+            sandbox.shell = await self._start_shell(sandbox, token)
+            await self._clone(sandbox)
         except BaseException:
+            if sandbox.shell is not None:
+                await sandbox.shell.close()
+            if sandbox.relay is not None:
+                await sandbox.relay.aclose()
             await self.backend.destroy(sandbox_id, paths)
             await asyncio.to_thread(shutil.rmtree, paths.root, True)
             raise
@@ -197,10 +229,39 @@ class SandboxManager:
         log.info("provisioned %s (%s, session %s)", sandbox_id, self.backend.name, session_id or "-")
         return sandbox
 
-    async def _start_shell(self, sandbox: Sandbox) -> Shell:
+    async def _start_shell(self, sandbox: Sandbox, token: str = "") -> Shell:
         process = await self.backend.start_shell(sandbox.id, sandbox.paths, sandbox.limits)
         control_inside = CONTROL_MOUNT if self.backend.name != "local" else str(sandbox.paths.control)
-        return Shell(process, control_host=str(sandbox.paths.control), control_inside=control_inside)
+        shell = Shell(process, control_host=str(sandbox.paths.control), control_inside=control_inside)
+        if sandbox.repositories:
+            # Every shell is a fresh set of namespaces: the relay's forwarder follows it into the new network.
+            if sandbox.relay is None:
+                sandbox.relay = await self._git.open(sandbox.repositories, relay_socket(sandbox.id))
+            sandbox.relay.update_token(token)
+            try:
+                await sandbox.relay.attach(await process.namespace_pid())
+            except BaseException:
+                await shell.close()
+                raise
+        return shell
+
+    async def _clone(self, sandbox: Sandbox) -> None:
+        """Clones the sandbox's repositories into its workspace, through its relay, from inside the sandbox."""
+        for index, repository in enumerate(sandbox.repositories):
+            branch = f"--branch {shlex.quote(repository.branch)} " if repository.branch else ""
+            command = (
+                f"git clone --quiet {branch}{shlex.quote(repository.remote(index))} {shlex.quote(repository.path)} 2>&1"
+            )
+            result = await self._bash(sandbox, {"command": command}, CLONE_TIMEOUT)
+            if result.is_error:
+                raise FailedPrecondition(
+                    f"cloning {repository.url} into {repository.path} failed: {result.output.strip()[-2000:]}"
+                )
+
+    def update_credential_token(self, sandbox: Sandbox, token: str) -> None:
+        """A fresher session token for the sandbox's git relay (sent along with a tool call)."""
+        if token and sandbox.relay is not None:
+            sandbox.relay.update_token(token)
 
     # Lookup ----------------------------------------------------------------------------------------------
 
@@ -239,6 +300,9 @@ class SandboxManager:
         sandbox.state, sandbox.lost_reason = LOST, reason
         log.warning("sandbox %s is lost: %s", sandbox.id, reason)
         self._save(sandbox)
+        if sandbox.relay is not None:
+            await sandbox.relay.aclose()
+            sandbox.relay = None
         # Whatever is left of it (other processes, groups) goes now; its workspace stays until Destroy.
         await self.backend.destroy(sandbox.id, sandbox.paths)
 
@@ -397,6 +461,9 @@ class SandboxManager:
         if sandbox.shell is not None:
             await sandbox.shell.close()
             sandbox.shell = None
+        if sandbox.relay is not None:
+            await sandbox.relay.aclose()
+            sandbox.relay = None
         await self.backend.destroy(sandbox.id, sandbox.paths)
         await asyncio.to_thread(shutil.rmtree, sandbox.paths.root, True)
         sandbox.state = DESTROYED

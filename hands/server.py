@@ -11,6 +11,7 @@ from google.protobuf import json_format, struct_pb2
 
 from hands.backend import Limits
 from hands.config import label_problem
+from hands.git_relay import check_token, repositories_from
 from hands.sandboxes import DESTROYED, LOST, Sandbox, SandboxManager
 from hands.tools import bash, text_editor
 from managed_agents.mesh import paging
@@ -89,8 +90,6 @@ def limits_from(resources: sandbox_pb2.Resources, defaults: Limits, *, docker: b
         limits = replace(limits, idle_ttl_s=seconds)
     if resources.network not in (sandbox_pb2.NETWORK_POLICY_UNSPECIFIED, sandbox_pb2.NETWORK_POLICY_NONE):
         raise InvalidArgument.field("resources.network", "only NETWORK_POLICY_NONE is supported by this server")
-    if resources.repositories:
-        raise InvalidArgument.field("resources.repositories", "cloning repositories is not supported yet")
     if resources.image:
         if not docker:
             raise InvalidArgument.field("resources.image", "images need --backend docker; this server runs bwrap")
@@ -166,7 +165,19 @@ class HandsServicer(hands_pb2_grpc.HandsServiceServicer):
             raise InvalidArgument.field("session_id", "is not a session id")
         check_labels(request.resources.labels, self._labels)
         limits = limits_from(request.resources, self._defaults, docker=self._manager.backend.name == "docker")
-        sandbox = await self._manager.provision(limits, session_id=request.session_id, request_id=request.request_id)
+        repositories = repositories_from(request.resources)
+        token = check_token(request.credential_token)
+        if repositories and not token:
+            raise InvalidArgument.field(
+                "credential_token", "is required when resources.repositories names any (mint one with MintSessionToken)"
+            )
+        sandbox = await self._manager.provision(
+            limits,
+            session_id=request.session_id,
+            request_id=request.request_id,
+            repositories=repositories,
+            credential_token=token,
+        )
         return hands_pb2.ProvisionResponse(sandbox=sandbox_message(sandbox, self._manager))
 
     async def Execute(
@@ -182,6 +193,8 @@ class HandsServicer(hands_pb2_grpc.HandsServiceServicer):
         timeout = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") else None
         if timeout is not None and not 0 < timeout <= 3600:
             raise InvalidArgument.field("timeout", "must be more than 0 and at most 1 h")
+        if request.credential_token:
+            self._manager.update_credential_token(self._manager.get(sandbox_id), check_token(request.credential_token))
         result = await self._manager.execute(
             sandbox_id, request.execution_id, request.name, tool_arguments(request.input), timeout
         )

@@ -98,11 +98,13 @@ class LocalMesh:
                 model = f"http://{address}"
                 brain_env = {"ANTHROPIC_BASE_URL": model, "ANTHROPIC_API_KEY": "stand-in"}
             store = self._start("store", "session_store", ["--data-dir", str(self.home / "store")])
-            hands = self._start(
-                "hands", "hands", ["--work-root", str(self.home / "sandboxes"), "--backend", hands_backend]
-            )
             proxy = self._start(
                 "mcp_proxy", "mcp_proxy", ["--data-dir", str(self.home / "proxy"), "--key-file", str(vault_key)]
+            )
+            hands = self._start(
+                "hands",
+                "hands",
+                ["--work-root", str(self.home / "sandboxes"), "--backend", hands_backend, "--proxy", proxy],
             )
             brain = self._start("brain", "brain", ["--store", store, "--hands", hands, "--proxy", proxy], env=brain_env)
         except BaseException:

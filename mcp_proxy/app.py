@@ -12,6 +12,7 @@ from managed_agents.mesh.server import MeshServer, Service
 from managed_agents.v1 import mcp_proxy_pb2_grpc
 from mcp_proxy import validate
 from mcp_proxy.config import ProxyConfig
+from mcp_proxy.git_relay import GitRelay
 from mcp_proxy.oauth import AccessTokens
 from mcp_proxy.proxy import McpProxy
 from mcp_proxy.server import PROXY_SERVICE_NAME, VAULT_SERVICE_NAME, McpProxyServicer, VaultServicer
@@ -62,6 +63,8 @@ async def start(config: ProxyConfig, key: VaultKey, tracer_provider: TracerProvi
         )
         proxy = McpProxy(vault, tokens, upstream, list_timeout=config.list_timeout)
         stack.push_async_callback(proxy.aclose)
+        git = GitRelay(vault, tokens, allow_http=config.git_allow_http)
+        stack.push_async_callback(git.aclose)
         server = MeshServer(
             [
                 Service(
@@ -71,7 +74,7 @@ async def start(config: ProxyConfig, key: VaultKey, tracer_provider: TracerProvi
                 ),
                 Service(
                     PROXY_SERVICE_NAME,
-                    McpProxyServicer(proxy),
+                    McpProxyServicer(proxy, git),
                     mcp_proxy_pb2_grpc.add_McpProxyServiceServicer_to_server,
                 ),
             ],

@@ -7,7 +7,7 @@ errors: they come back as a response with `is_error` set.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from managed_agents.mesh.calls import translated_errors
 from managed_agents.mesh.channel import dial
+from managed_agents.mesh.errors import Unavailable
 from managed_agents.v1 import mcp_proxy_pb2, mcp_proxy_pb2_grpc, sandbox_pb2
 
 # Named from the descriptor rather than imported from `mcp_proxy.server`, which would pull the MCP SDK (a
@@ -23,6 +24,7 @@ VAULT_SERVICE_NAME = mcp_proxy_pb2.DESCRIPTOR.services_by_name["VaultService"].f
 PROXY_SERVICE_NAME = mcp_proxy_pb2.DESCRIPTOR.services_by_name["McpProxyService"].full_name
 # Reads are safe to repeat; the channel retries them when the proxy is briefly unavailable. CallTool is not:
 # an upstream tool may have run.
+_RELAY_CHUNK = 1 << 20  # the contract's limit for one body chunk
 _RETRIED = [(VAULT_SERVICE_NAME, "ListCredentials"), (PROXY_SERVICE_NAME, "ListTools")]
 
 
@@ -155,3 +157,36 @@ class McpProxyClient:
                 request, timeout=deadline
             )
         return response
+
+    # Git relay ---------------------------------------------------------------------------------------------
+
+    async def relay_git(
+        self, head: mcp_proxy_pb2.RelayGitRequestHead, body: AsyncIterator[bytes]
+    ) -> tuple[mcp_proxy_pb2.RelayGitResponseHead, AsyncIterator[bytes]]:
+        """Relays one git smart-HTTP request; returns the response head and its body as it streams."""
+
+        async def requests() -> AsyncIterator[mcp_proxy_pb2.RelayGitRequest]:
+            yield mcp_proxy_pb2.RelayGitRequest(head=head)
+            async for chunk in body:
+                for start in range(0, len(chunk), _RELAY_CHUNK):
+                    yield mcp_proxy_pb2.RelayGitRequest(body=chunk[start : start + _RELAY_CHUNK])
+
+        call = self._proxy.RelayGit(requests())
+        with translated_errors():
+            first: mcp_proxy_pb2.RelayGitResponse = await call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("part") != "head":
+            call.cancel()
+            raise Unavailable("the git relay ended its answer before sending a response head")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                with translated_errors():
+                    while True:
+                        part = await call.read()
+                        if part is grpc.aio.EOF:
+                            return
+                        yield part.body
+            finally:
+                call.cancel()
+
+        return first.head, chunks()

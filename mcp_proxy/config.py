@@ -35,6 +35,7 @@ class ProxyConfig:
     connect_timeout: float = 10.0
     list_timeout: float = 10.0
     refresh_timeout: float = 30.0
+    git_allow_http: bool = False
     # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
     mesh_secret: str = field(default="", repr=False)
 
@@ -147,6 +148,13 @@ class ProxyConfig:
             type=_positive,
             help="seconds an OAuth token endpoint gets to answer a refresh",
         )
+        parser.add_argument(
+            "--git-allow-http",
+            action="store_true",
+            default=environ.get("MCP_PROXY_GIT_ALLOW_HTTP", "") in ("1", "true"),
+            help="let the git relay send tokens over plain http:// (for git servers on a trusted local network "
+            "and tests; never over the internet) [env: MCP_PROXY_GIT_ALLOW_HTTP=1]",
+        )
         return parser
 
     @classmethod
@@ -165,5 +173,6 @@ class ProxyConfig:
             connect_timeout=args.connect_timeout,
             list_timeout=args.list_timeout,
             refresh_timeout=args.refresh_timeout,
+            git_allow_http=args.git_allow_http,
             mesh_secret=mesh_secret_or_exit(parser, environ),
         )

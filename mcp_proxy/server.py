@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 from google.protobuf import struct_pb2
 
 from managed_agents.mesh import paging
-from managed_agents.mesh.errors import InvalidArgument
+from managed_agents.mesh.errors import FailedPrecondition, InvalidArgument
 from managed_agents.v1 import content_pb2, mcp_proxy_pb2, mcp_proxy_pb2_grpc, sandbox_pb2
 from mcp_proxy import validate
+from mcp_proxy.git_relay import GitRelay
 from mcp_proxy.proxy import McpProxy
 from mcp_proxy.upstream import Content
 from mcp_proxy.vault import CredentialRecord
@@ -83,10 +86,12 @@ class VaultServicer(mcp_proxy_pb2_grpc.VaultServiceServicer):
 
 
 class McpProxyServicer(mcp_proxy_pb2_grpc.McpProxyServiceServicer):
-    """Serves `managed_agents.v1.McpProxyService`: session tokens, and MCP tools reached through them."""
+    """Serves `managed_agents.v1.McpProxyService`: session tokens, MCP tools reached through them, and the git
+    relay."""
 
-    def __init__(self, proxy: McpProxy) -> None:
+    def __init__(self, proxy: McpProxy, git: GitRelay | None = None) -> None:
         self._proxy = proxy
+        self._git = git
 
     async def MintSessionToken(
         self, request: mcp_proxy_pb2.MintSessionTokenRequest, context: grpc.aio.ServicerContext
@@ -140,3 +145,36 @@ class McpProxyServicer(mcp_proxy_pb2_grpc.McpProxyServiceServicer):
         return mcp_proxy_pb2.McpProxyServiceCallToolResponse(
             content=[content_block(c) for c in result.content], is_error=result.is_error
         )
+
+    async def RelayGit(
+        self, request_iterator: AsyncIterator[mcp_proxy_pb2.RelayGitRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[mcp_proxy_pb2.RelayGitResponse]:
+        if self._git is None:
+            raise FailedPrecondition("this proxy does not relay git")
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "head":
+            raise InvalidArgument.field("head", "the first message must be the request head")
+        head = first.head
+
+        async def body() -> AsyncIterator[bytes]:
+            async for part in request_iterator:
+                if part.WhichOneof("part") != "body":
+                    raise InvalidArgument.field("body", "only body chunks may follow the head")
+                yield part.body
+
+        relayed = await self._git.relay(
+            session_token=head.session_token,
+            credential=validate.credential_name(head.credential, "head.credential"),
+            url=head.url,
+            method=head.method,
+            headers=[(h.name, h.value) for h in head.headers],
+            body=body(),
+        )
+        yield mcp_proxy_pb2.RelayGitResponse(
+            head=mcp_proxy_pb2.RelayGitResponseHead(
+                status=relayed.status,
+                headers=[mcp_proxy_pb2.HttpHeader(name=k, value=v) for k, v in relayed.headers],
+            )
+        )
+        async for chunk in relayed.body:
+            yield mcp_proxy_pb2.RelayGitResponse(body=chunk)

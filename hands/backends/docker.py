@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
 import threading
@@ -118,6 +119,12 @@ class DockerShell:
             return None
         state: dict[str, Any] = self._container.attrs.get("State", {})
         return state
+
+    async def namespace_pid(self) -> int | None:
+        state = await asyncio.to_thread(self._state)
+        pid = int((state or {}).get("Pid") or 0)
+        # A remote engine's pids are not this host's.
+        return pid if pid and await asyncio.to_thread(os.path.exists, f"/proc/{pid}/ns/net") else None
 
     def exit_description(self) -> str | None:
         state = self._state()

@@ -36,6 +36,15 @@ class SubprocessShell:
             return None, []
         return inside[0], inside[1:]
 
+    async def namespace_pid(self) -> int | None:
+        # Right after the start, bwrap may not have forked the shell into the new namespaces yet.
+        for _ in range(200):
+            shell, _ = self._sandbox_processes()
+            if shell is not None or self._process.returncode is not None:
+                return shell
+            await asyncio.sleep(0.01)
+        return None
+
     async def kill_children(self) -> None:
         shell, _ = self._sandbox_processes()
         if shell is None:

@@ -12,7 +12,8 @@
     +-- LeaseHeld                  FAILED_PRECONDITION  LEASE_HELD (metadata: holder, epoch, expire_time)
     +-- IdempotencyKeyReused       FAILED_PRECONDITION  IDEMPOTENCY_KEY_REUSED
     +-- SandboxLost                FAILED_PRECONDITION  SANDBOX_LOST
-    +-- LabelsNotCarried           FAILED_PRECONDITION  LABELS_NOT_CARRIED
+    +-- FailedPrecondition         FAILED_PRECONDITION  FAILED_PRECONDITION
+    |   +-- LabelsNotCarried       FAILED_PRECONDITION  LABELS_NOT_CARRIED
     +-- SandboxUnavailable         UNAVAILABLE          SANDBOX_UNAVAILABLE
     +-- TokenInvalid               UNAUTHENTICATED      TOKEN_INVALID
     +-- NotMeshPeer                UNAUTHENTICATED      NOT_MESH_PEER
@@ -144,10 +145,17 @@ class SequenceMismatch(MeshError):
         return int(self.metadata.get("last_seq", "0"))
 
 
-class LabelsNotCarried(MeshError):
-    """The hands server does not carry the placement labels the sandbox asks for."""
+class FailedPrecondition(MeshError):
+    """The server is not set up for the request: a feature it was not configured for, or that its backend
+    cannot do."""
 
     code = Code.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class LabelsNotCarried(FailedPrecondition):
+    """The hands server does not carry the placement labels the sandbox asks for."""
+
     reason = "LABELS_NOT_CARRIED"
 
 
@@ -249,7 +257,7 @@ def error_class(reason: str, code: Code) -> type[MeshError]:
     for cls in _leaves(MeshError):
         if reason and cls.reason == reason:
             return cls
-    for cls in (InvalidArgument, NotFound, Unavailable, DeadlineExceeded, Internal):
+    for cls in (InvalidArgument, NotFound, Unavailable, DeadlineExceeded, Internal, FailedPrecondition):
         if cls.code == code:
             return cls
     return MeshError

@@ -62,6 +62,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The caller did not present the deployment's mesh secret (UNAUTHENTICATED)."""
     ERROR_REASON_LABELS_NOT_CARRIED: _ErrorReason.ValueType  # 18
     """No hands server asked carries the placement labels the sandbox asks for (FAILED_PRECONDITION)."""
+    ERROR_REASON_FAILED_PRECONDITION: _ErrorReason.ValueType  # 19
+    """The server is not set up for the request: a feature it was not configured for, or that its backend
+    cannot do (FAILED_PRECONDITION).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reason of a failed call, sent as `google.rpc.ErrorInfo.reason` in the status details.
@@ -109,4 +113,8 @@ ERROR_REASON_NOT_MESH_PEER: ErrorReason.ValueType  # 17
 """The caller did not present the deployment's mesh secret (UNAUTHENTICATED)."""
 ERROR_REASON_LABELS_NOT_CARRIED: ErrorReason.ValueType  # 18
 """No hands server asked carries the placement labels the sandbox asks for (FAILED_PRECONDITION)."""
+ERROR_REASON_FAILED_PRECONDITION: ErrorReason.ValueType  # 19
+"""The server is not set up for the request: a feature it was not configured for, or that its backend
+cannot do (FAILED_PRECONDITION).
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

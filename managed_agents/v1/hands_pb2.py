@@ -27,39 +27,39 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from managed_agents.v1 import sandbox_pb2 as managed__agents_dot_v1_dot_sandbox__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmanaged_agents/v1/hands.proto\x12\x11managed_agents.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fmanaged_agents/v1/sandbox.proto\"k\n\x10ProvisionRequest\x12/\n\tresources\x18\x01 \x01(\x0b\x32\x1c.managed_agents.v1.Resources\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"@\n\x11ProvisionResponse\x12+\n\x07sandbox\x18\x01 \x01(\x0b\x32\x1a.managed_agents.v1.Sandbox\"\x9c\x01\n\x0e\x45xecuteRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65xecution_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf5\x01\n\x0f\x45xecuteResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x10\n\x08is_error\x18\x02 \x01(\x08\x12\x32\n\x06status\x18\x03 \x01(\x0e\x32\".managed_agents.v1.ExecutionStatus\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x14\n\x0csandbox_lost\x18\x08 \x01(\x08\x42\x0c\n\n_exit_code\"$\n\x0e\x44\x65stroyRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\">\n\x0f\x44\x65stroyResponse\x12+\n\x07sandbox\x18\x01 \x01(\x0b\x32\x1a.managed_agents.v1.Sandbox\"\'\n\x11GetSandboxRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\"A\n\x12GetSandboxResponse\x12+\n\x07sandbox\x18\x01 \x01(\x0b\x32\x1a.managed_agents.v1.Sandbox\"m\n\x14ListSandboxesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.managed_agents.v1.SandboxState\"_\n\x15ListSandboxesResponse\x12-\n\tsandboxes\x18\x01 \x03(\x0b\x32\x1a.managed_agents.v1.Sandbox\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10ListToolsRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\"?\n\x11ListToolsResponse\x12*\n\x05tools\x18\x01 \x03(\x0b\x32\x1b.managed_agents.v1.ToolSpec*\xb4\x01\n\x0f\x45xecutionStatus\x12 \n\x1c\x45XECUTION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45XECUTION_STATUS_COMPLETED\x10\x01\x12\x1e\n\x1a\x45XECUTION_STATUS_TIMED_OUT\x10\x02\x12 \n\x1c\x45XECUTION_STATUS_INTERRUPTED\x10\x03\x12\x1d\n\x19\x45XECUTION_STATUS_REJECTED\x10\x04\x32\xa1\x04\n\x0cHandsService\x12V\n\tProvision\x12#.managed_agents.v1.ProvisionRequest\x1a$.managed_agents.v1.ProvisionResponse\x12P\n\x07\x45xecute\x12!.managed_agents.v1.ExecuteRequest\x1a\".managed_agents.v1.ExecuteResponse\x12P\n\x07\x44\x65stroy\x12!.managed_agents.v1.DestroyRequest\x1a\".managed_agents.v1.DestroyResponse\x12Y\n\nGetSandbox\x12$.managed_agents.v1.GetSandboxRequest\x1a%.managed_agents.v1.GetSandboxResponse\x12\x62\n\rListSandboxes\x12\'.managed_agents.v1.ListSandboxesRequest\x1a(.managed_agents.v1.ListSandboxesResponse\x12V\n\tListTools\x12#.managed_agents.v1.ListToolsRequest\x1a$.managed_agents.v1.ListToolsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmanaged_agents/v1/hands.proto\x12\x11managed_agents.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fmanaged_agents/v1/sandbox.proto\"\x85\x01\n\x10ProvisionRequest\x12/\n\tresources\x18\x01 \x01(\x0b\x32\x1c.managed_agents.v1.Resources\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x18\n\x10\x63redential_token\x18\x04 \x01(\t\"@\n\x11ProvisionResponse\x12+\n\x07sandbox\x18\x01 \x01(\x0b\x32\x1a.managed_agents.v1.Sandbox\"\xb6\x01\n\x0e\x45xecuteRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65xecution_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10\x63redential_token\x18\x06 \x01(\t\"\xf5\x01\n\x0f\x45xecuteResponse\x12\x0e\n\x06output\x18\x01 \x01(\t\x12\x10\n\x08is_error\x18\x02 \x01(\x08\x12\x32\n\x06status\x18\x03 \x01(\x0e\x32\".managed_agents.v1.ExecutionStatus\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08replayed\x18\x07 \x01(\x08\x12\x14\n\x0csandbox_lost\x18\x08 \x01(\x08\x42\x0c\n\n_exit_code\"$\n\x0e\x44\x65stroyRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\">\n\x0f\x44\x65stroyResponse\x12+\n\x07sandbox\x18\x01 \x01(\x0b\x32\x1a.managed_agents.v1.Sandbox\"\'\n\x11GetSandboxRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\"A\n\x12GetSandboxResponse\x12+\n\x07sandbox\x18\x01 \x01(\x0b\x32\x1a.managed_agents.v1.Sandbox\"m\n\x14ListSandboxesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12.\n\x05state\x18\x03 \x01(\x0e\x32\x1f.managed_agents.v1.SandboxState\"_\n\x15ListSandboxesResponse\x12-\n\tsandboxes\x18\x01 \x03(\x0b\x32\x1a.managed_agents.v1.Sandbox\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10ListToolsRequest\x12\x12\n\nsandbox_id\x18\x01 \x01(\t\"?\n\x11ListToolsResponse\x12*\n\x05tools\x18\x01 \x03(\x0b\x32\x1b.managed_agents.v1.ToolSpec*\xb4\x01\n\x0f\x45xecutionStatus\x12 \n\x1c\x45XECUTION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45XECUTION_STATUS_COMPLETED\x10\x01\x12\x1e\n\x1a\x45XECUTION_STATUS_TIMED_OUT\x10\x02\x12 \n\x1c\x45XECUTION_STATUS_INTERRUPTED\x10\x03\x12\x1d\n\x19\x45XECUTION_STATUS_REJECTED\x10\x04\x32\xa1\x04\n\x0cHandsService\x12V\n\tProvision\x12#.managed_agents.v1.ProvisionRequest\x1a$.managed_agents.v1.ProvisionResponse\x12P\n\x07\x45xecute\x12!.managed_agents.v1.ExecuteRequest\x1a\".managed_agents.v1.ExecuteResponse\x12P\n\x07\x44\x65stroy\x12!.managed_agents.v1.DestroyRequest\x1a\".managed_agents.v1.DestroyResponse\x12Y\n\nGetSandbox\x12$.managed_agents.v1.GetSandboxRequest\x1a%.managed_agents.v1.GetSandboxResponse\x12\x62\n\rListSandboxes\x12\'.managed_agents.v1.ListSandboxesRequest\x1a(.managed_agents.v1.ListSandboxesResponse\x12V\n\tListTools\x12#.managed_agents.v1.ListToolsRequest\x1a$.managed_agents.v1.ListToolsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'managed_agents.v1.hands_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTIONSTATUS']._serialized_start=1253
-  _globals['_EXECUTIONSTATUS']._serialized_end=1433
-  _globals['_PROVISIONREQUEST']._serialized_start=147
-  _globals['_PROVISIONREQUEST']._serialized_end=254
-  _globals['_PROVISIONRESPONSE']._serialized_start=256
-  _globals['_PROVISIONRESPONSE']._serialized_end=320
-  _globals['_EXECUTEREQUEST']._serialized_start=323
-  _globals['_EXECUTEREQUEST']._serialized_end=479
-  _globals['_EXECUTERESPONSE']._serialized_start=482
-  _globals['_EXECUTERESPONSE']._serialized_end=727
-  _globals['_DESTROYREQUEST']._serialized_start=729
-  _globals['_DESTROYREQUEST']._serialized_end=765
-  _globals['_DESTROYRESPONSE']._serialized_start=767
-  _globals['_DESTROYRESPONSE']._serialized_end=829
-  _globals['_GETSANDBOXREQUEST']._serialized_start=831
-  _globals['_GETSANDBOXREQUEST']._serialized_end=870
-  _globals['_GETSANDBOXRESPONSE']._serialized_start=872
-  _globals['_GETSANDBOXRESPONSE']._serialized_end=937
-  _globals['_LISTSANDBOXESREQUEST']._serialized_start=939
-  _globals['_LISTSANDBOXESREQUEST']._serialized_end=1048
-  _globals['_LISTSANDBOXESRESPONSE']._serialized_start=1050
-  _globals['_LISTSANDBOXESRESPONSE']._serialized_end=1145
-  _globals['_LISTTOOLSREQUEST']._serialized_start=1147
-  _globals['_LISTTOOLSREQUEST']._serialized_end=1185
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=1187
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=1250
-  _globals['_HANDSSERVICE']._serialized_start=1436
-  _globals['_HANDSSERVICE']._serialized_end=1981
+  _globals['_EXECUTIONSTATUS']._serialized_start=1306
+  _globals['_EXECUTIONSTATUS']._serialized_end=1486
+  _globals['_PROVISIONREQUEST']._serialized_start=148
+  _globals['_PROVISIONREQUEST']._serialized_end=281
+  _globals['_PROVISIONRESPONSE']._serialized_start=283
+  _globals['_PROVISIONRESPONSE']._serialized_end=347
+  _globals['_EXECUTEREQUEST']._serialized_start=350
+  _globals['_EXECUTEREQUEST']._serialized_end=532
+  _globals['_EXECUTERESPONSE']._serialized_start=535
+  _globals['_EXECUTERESPONSE']._serialized_end=780
+  _globals['_DESTROYREQUEST']._serialized_start=782
+  _globals['_DESTROYREQUEST']._serialized_end=818
+  _globals['_DESTROYRESPONSE']._serialized_start=820
+  _globals['_DESTROYRESPONSE']._serialized_end=882
+  _globals['_GETSANDBOXREQUEST']._serialized_start=884
+  _globals['_GETSANDBOXREQUEST']._serialized_end=923
+  _globals['_GETSANDBOXRESPONSE']._serialized_start=925
+  _globals['_GETSANDBOXRESPONSE']._serialized_end=990
+  _globals['_LISTSANDBOXESREQUEST']._serialized_start=992
+  _globals['_LISTSANDBOXESREQUEST']._serialized_end=1101
+  _globals['_LISTSANDBOXESRESPONSE']._serialized_start=1103
+  _globals['_LISTSANDBOXESRESPONSE']._serialized_end=1198
+  _globals['_LISTTOOLSREQUEST']._serialized_start=1200
+  _globals['_LISTTOOLSREQUEST']._serialized_end=1238
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=1240
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=1303
+  _globals['_HANDSSERVICE']._serialized_start=1489
+  _globals['_HANDSSERVICE']._serialized_end=2034
 # @@protoc_insertion_point(module_scope)

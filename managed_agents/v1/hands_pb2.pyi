@@ -63,10 +63,16 @@ class ProvisionRequest(_message.Message):
     RESOURCES_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_TOKEN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Optional. Session the sandbox is for, recorded for operators."""
     request_id: _builtins.str
     """Optional. Idempotency key, 1 to 128 characters of `[A-Za-z0-9._:-]`: a retry returns the same sandbox."""
+    credential_token: _builtins.str
+    """Optional. Session token from `McpProxyService.MintSessionToken` granting the credentials named in
+    `resources.repositories`; required when any is named. Hands uses it to reach the git relay of the
+    mcp_proxy; it never enters the sandbox. At most 4096 characters.
+    """
     @_builtins.property
     def resources(self) -> _sandbox_pb2.Resources:
         """Optional. Resources of the sandbox; zero fields take the server's defaults."""
@@ -77,10 +83,11 @@ class ProvisionRequest(_message.Message):
         resources: _sandbox_pb2.Resources | None = ...,
         session_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        credential_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "resources", b"resources", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential_token", b"credential_token", "request_id", b"request_id", "resources", b"resources", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -121,12 +128,17 @@ class ExecuteRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_TOKEN_FIELD_NUMBER: _builtins.int
     sandbox_id: _builtins.str
     """Required. Sandbox to run in."""
     execution_id: _builtins.str
     """Required. Id of this call, 1 to 128 characters of `[A-Za-z0-9._:-]`; brains pass the `tool_use` id."""
     name: _builtins.str
     """Required. Tool name, as listed by `ListTools`."""
+    credential_token: _builtins.str
+    """Optional. A fresher session token for the sandbox's git relay (see `ProvisionRequest.credential_token`),
+    e.g. after the previous one expired or the hands server restarted. At most 4096 characters.
+    """
     @_builtins.property
     def input(self) -> _struct_pb2.Struct:
         """Required. Tool input; must fit the tool's schema. At most 1 MiB serialized."""
@@ -143,10 +155,11 @@ class ExecuteRequest(_message.Message):
         name: _builtins.str = ...,
         input: _struct_pb2.Struct | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        credential_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id", "input", b"input", "name", b"name", "sandbox_id", b"sandbox_id", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential_token", b"credential_token", "execution_id", b"execution_id", "input", b"input", "name", b"name", "sandbox_id", b"sandbox_id", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

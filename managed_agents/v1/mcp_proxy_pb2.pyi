@@ -523,3 +523,159 @@ class McpProxyServiceCallToolResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___McpProxyServiceCallToolResponse: _TypeAlias = McpProxyServiceCallToolResponse  # noqa: Y015
+
+@_typing.final
+class HttpHeader(_message.Message):
+    """One HTTP header."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Header name."""
+    value: _builtins.str
+    """Required. Header value."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpHeader: _TypeAlias = HttpHeader  # noqa: Y015
+
+@_typing.final
+class RelayGitRequestHead(_message.Message):
+    """The head of a relayed git request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    session_token: _builtins.str
+    """Required. Session token from `MintSessionToken` granting `credential`."""
+    credential: _builtins.str
+    """Required. Git credential (`CREDENTIAL_KIND_GIT_TOKEN`) to add; its `allowed_hosts` must hold the URL's host."""
+    url: _builtins.str
+    """Required. Full upstream URL of the request: repository URL, smart-HTTP path and query. `https://`, or
+    `http://` when the proxy allows it (`--git-allow-http`). At most 4096 characters.
+    """
+    method: _builtins.str
+    """Required. `GET` or `POST`."""
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpHeader]:
+        """Optional. Request headers from git (at most 64); `Authorization` and hop-by-hop headers are dropped."""
+
+    def __init__(
+        self,
+        *,
+        session_token: _builtins.str = ...,
+        credential: _builtins.str = ...,
+        url: _builtins.str = ...,
+        method: _builtins.str = ...,
+        headers: _abc.Iterable[Global___HttpHeader] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "headers", b"headers", "method", b"method", "session_token", b"session_token", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayGitRequestHead: _TypeAlias = RelayGitRequestHead  # noqa: Y015
+
+@_typing.final
+class RelayGitRequest(_message.Message):
+    """Request message for `McpProxyService.RelayGit`: the head first, then the body in chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    body: _builtins.bytes
+    """Following messages: the request body, in order, at most 1 MiB each."""
+    @_builtins.property
+    def head(self) -> Global___RelayGitRequestHead:
+        """First message only: what to relay where."""
+
+    def __init__(
+        self,
+        *,
+        head: Global___RelayGitRequestHead | None = ...,
+        body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "head", b"head", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "head", b"head", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["head", "body"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___RelayGitRequest: _TypeAlias = RelayGitRequest  # noqa: Y015
+
+@_typing.final
+class RelayGitResponseHead(_message.Message):
+    """The head of a relayed git response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    status: _builtins.int
+    """HTTP status of the upstream's answer."""
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpHeader]:
+        """Response headers (hop-by-hop headers dropped)."""
+
+    def __init__(
+        self,
+        *,
+        status: _builtins.int = ...,
+        headers: _abc.Iterable[Global___HttpHeader] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayGitResponseHead: _TypeAlias = RelayGitResponseHead  # noqa: Y015
+
+@_typing.final
+class RelayGitResponse(_message.Message):
+    """Response message for `McpProxyService.RelayGit`: the head first, then the body in chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    body: _builtins.bytes
+    """Following messages: the response body, in order."""
+    @_builtins.property
+    def head(self) -> Global___RelayGitResponseHead:
+        """First message only."""
+
+    def __init__(
+        self,
+        *,
+        head: Global___RelayGitResponseHead | None = ...,
+        body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "head", b"head", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "head", b"head", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["head", "body"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___RelayGitResponse: _TypeAlias = RelayGitResponse  # noqa: Y015

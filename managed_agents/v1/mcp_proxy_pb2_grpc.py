@@ -223,6 +223,11 @@ class McpProxyServiceStub:
                 request_serializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.McpProxyServiceCallToolRequest.SerializeToString,
                 response_deserializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.McpProxyServiceCallToolResponse.FromString,
                 _registered_method=True)
+        self.RelayGit = channel.stream_stream(
+                '/managed_agents.v1.McpProxyService/RelayGit',
+                request_serializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitRequest.SerializeToString,
+                response_deserializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitResponse.FromString,
+                _registered_method=True)
 
 
 class McpProxyServiceServicer:
@@ -258,6 +263,15 @@ class McpProxyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RelayGit(self, request_iterator, context):
+        """Relays one git smart-HTTP request (clone, fetch, push) to a repository a granted git credential may
+        reach, adding the credential on the way out. Called by hands for their sandboxes: the request streams
+        in (head, then body chunks) and the upstream's response streams back (head, then body chunks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_McpProxyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -280,6 +294,11 @@ def add_McpProxyServiceServicer_to_server(servicer, server):
                     servicer.CallTool,
                     request_deserializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.McpProxyServiceCallToolRequest.FromString,
                     response_serializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.McpProxyServiceCallToolResponse.SerializeToString,
+            ),
+            'RelayGit': grpc.stream_stream_rpc_method_handler(
+                    servicer.RelayGit,
+                    request_deserializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitRequest.FromString,
+                    response_serializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +411,33 @@ class McpProxyService:
             '/managed_agents.v1.McpProxyService/CallTool',
             managed__agents_dot_v1_dot_mcp__proxy__pb2.McpProxyServiceCallToolRequest.SerializeToString,
             managed__agents_dot_v1_dot_mcp__proxy__pb2.McpProxyServiceCallToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelayGit(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/managed_agents.v1.McpProxyService/RelayGit',
+            managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitRequest.SerializeToString,
+            managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitResponse.FromString,
             options,
             channel_credentials,
             insecure,

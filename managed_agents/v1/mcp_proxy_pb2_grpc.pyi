@@ -104,6 +104,11 @@ class McpProxyServiceStub:
     """Lists the tools of the MCP servers the token grants, named `<server>__<tool>`."""
     CallTool: _grpc.UnaryUnaryMultiCallable[_mcp_proxy_pb2.McpProxyServiceCallToolRequest, _mcp_proxy_pb2.McpProxyServiceCallToolResponse]
     """Calls a tool of a granted MCP server. Upstream failures are results with `is_error`, not RPC errors."""
+    RelayGit: _grpc.StreamStreamMultiCallable[_mcp_proxy_pb2.RelayGitRequest, _mcp_proxy_pb2.RelayGitResponse]
+    """Relays one git smart-HTTP request (clone, fetch, push) to a repository a granted git credential may
+    reach, adding the credential on the way out. Called by hands for their sandboxes: the request streams
+    in (head, then body chunks) and the upstream's response streams back (head, then body chunks).
+    """
 
 @_typing.type_check_only
 class McpProxyServiceAsyncStub(McpProxyServiceStub):
@@ -120,6 +125,11 @@ class McpProxyServiceAsyncStub(McpProxyServiceStub):
     """Lists the tools of the MCP servers the token grants, named `<server>__<tool>`."""
     CallTool: _aio.UnaryUnaryMultiCallable[_mcp_proxy_pb2.McpProxyServiceCallToolRequest, _mcp_proxy_pb2.McpProxyServiceCallToolResponse]  # type: ignore[assignment]
     """Calls a tool of a granted MCP server. Upstream failures are results with `is_error`, not RPC errors."""
+    RelayGit: _aio.StreamStreamMultiCallable[_mcp_proxy_pb2.RelayGitRequest, _mcp_proxy_pb2.RelayGitResponse]  # type: ignore[assignment]
+    """Relays one git smart-HTTP request (clone, fetch, push) to a repository a granted git credential may
+    reach, adding the credential on the way out. Called by hands for their sandboxes: the request streams
+    in (head, then body chunks) and the upstream's response streams back (head, then body chunks).
+    """
 
 class McpProxyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Proxy to MCP servers for sessions, adding the vault's credentials on the way out. Callers authenticate
@@ -157,5 +167,16 @@ class McpProxyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_mcp_proxy_pb2.McpProxyServiceCallToolResponse, _abc.Awaitable[_mcp_proxy_pb2.McpProxyServiceCallToolResponse]]:
         """Calls a tool of a granted MCP server. Upstream failures are results with `is_error`, not RPC errors."""
+
+    @_abc_1.abstractmethod
+    def RelayGit(
+        self,
+        request_iterator: _MaybeAsyncIterator[_mcp_proxy_pb2.RelayGitRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_mcp_proxy_pb2.RelayGitResponse], _abc.AsyncIterator[_mcp_proxy_pb2.RelayGitResponse]]:
+        """Relays one git smart-HTTP request (clone, fetch, push) to a repository a granted git credential may
+        reach, adding the credential on the way out. Called by hands for their sandboxes: the request streams
+        in (head, then body chunks) and the upstream's response streams back (head, then body chunks).
+        """
 
 def add_McpProxyServiceServicer_to_server(servicer: McpProxyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
