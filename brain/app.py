@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from opentelemetry.sdk.trace import TracerProvider
 
 from brain.config import BrainConfig, default_holder
@@ -14,6 +16,7 @@ from brain.server import SERVICE_NAME, BrainServicer
 from hands.client import HandsClient
 from managed_agents.mesh.errors import SandboxUnavailable
 from managed_agents.mesh.failpoints import Failpoints
+from managed_agents.mesh.metrics import ServiceMetrics
 from managed_agents.mesh.server import MeshServer, Service
 from managed_agents.v1 import brain_pb2_grpc, hands_pb2, sandbox_pb2
 from mcp_proxy.client import McpProxyClient
@@ -39,7 +42,11 @@ class NoHands:
 class BrainServer:
     """A brain that is serving; `aclose()` stops its runs (releasing their leases) and the server."""
 
-    def __init__(self, server: MeshServer, harness: Harness, closers: list[object]) -> None:
+    def __init__(
+        self, server: MeshServer, harness: Harness, closers: list[object], metrics: ServiceMetrics | None = None
+    ) -> None:
+        """`closers` are closed in order on `aclose()`."""
+        self.metrics = metrics or ServiceMetrics.disabled()
         self.server = server
         self.harness = harness
         self._closers = closers
@@ -104,7 +111,9 @@ async def start(
         else None
     )
     tracer = tracer_provider.get_tracer("brain") if tracer_provider else None
+    metrics = ServiceMetrics.build("brain", os.environ, listen=config.metrics_listen)
     harness = Harness(
+        metrics=metrics,
         proxy=proxy,
         failpoints=Failpoints.parse(config.failpoints),
         store=store,
@@ -121,5 +130,7 @@ async def start(
         mesh_secret=config.mesh_secret,
     )
     await server.start()
+    if config.metrics_listen:
+        await metrics.serve(config.metrics_listen)
     harness.start_scanner()
-    return BrainServer(server, harness, [store, hands, model, *([proxy] if proxy else [])])
+    return BrainServer(server, harness, [store, hands, model, *([proxy] if proxy else []), metrics], metrics)

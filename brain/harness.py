@@ -28,6 +28,7 @@ from opentelemetry import trace
 
 from brain.context import ContextPolicy, tool_input
 from brain.mcp import McpProxy, McpUnavailable, SessionMcp
+from brain.metrics import BrainMetrics
 from brain.model import ModelClient, ModelError, ModelRequest, ModelResponse
 from brain.tools import SESSION_TOOL, Route, ToolSet, render_events, session_read_range
 from managed_agents import events as vocab
@@ -41,6 +42,7 @@ from managed_agents.mesh.errors import (
     Unavailable,
 )
 from managed_agents.mesh.failpoints import Failpoints
+from managed_agents.mesh.metrics import ServiceMetrics
 from managed_agents.v1 import events_pb2, hands_pb2, sandbox_pb2, session_pb2
 from session_store.client import SessionStoreClient
 
@@ -549,6 +551,7 @@ class SessionRun:
                     return
                 except ModelError as error:
                     span.set_attribute("error.type", error.kind)
+                    self._harness.metrics.model_failed(error.kind)
                     retrying = error.retryable and attempt < config.model_attempts
                     await self._emit(
                         events_pb2.Event(
@@ -577,6 +580,7 @@ class SessionRun:
                         await self._finish(events_pb2.STOP_REASON_INTERRUPTED)
                         return
                     continue
+                self._harness.metrics.model_answered(response)
                 span.set_attribute("gen_ai.usage.input_tokens", response.usage.input_tokens)
                 span.set_attribute("gen_ai.usage.output_tokens", response.usage.output_tokens)
                 span.set_attribute("gen_ai.response.finish_reasons", [response.stop_reason])
@@ -710,9 +714,13 @@ class SessionRun:
             with self._harness.tracer.start_as_current_span(
                 "brain.tool_call", attributes={"tool.name": use.name, "tool.use_id": use.id, "tool.route": "hands"}
             ) as span:
+                started = time.monotonic()
                 result = await self._run_tool(use)
                 outcome = result.agent_tool_result
                 span.set_attribute("tool.is_error", outcome.is_error)
+                self._harness.metrics.tool_called(
+                    use.name, "hands", is_error=outcome.is_error, seconds=time.monotonic() - started
+                )
                 if outcome.execution.sandbox_id:
                     span.set_attribute("sandbox.id", outcome.execution.sandbox_id)
             self._harness.failpoints.hit("brain.after_execute")
@@ -739,6 +747,7 @@ class SessionRun:
                 "brain.tool_call",
                 attributes={"tool.name": qualified, "tool.use_id": use.id, "tool.route": "mcp"},
             ) as span:
+                started = time.monotonic()
                 try:
                     response = await self._mcp.call(
                         use.server_name, use.name, use.input, timeout=min(self._config.tool_timeout, 600.0)
@@ -751,6 +760,12 @@ class SessionRun:
                 except (MeshError, McpUnavailable) as error:
                     result = _mcp_result(use.id, f"{qualified} could not be called: {error}")
                 span.set_attribute("tool.is_error", result.agent_mcp_tool_result.is_error)
+                self._harness.metrics.tool_called(
+                    qualified,
+                    "mcp",
+                    is_error=result.agent_mcp_tool_result.is_error,
+                    seconds=time.monotonic() - started,
+                )
         self._harness.failpoints.hit("brain.after_execute")
         await self._emit(result, key=f"result.{use.id}")
 
@@ -890,6 +905,7 @@ class Harness:
         config: HarnessConfig,
         tracer: trace.Tracer | None = None,
         failpoints: Failpoints | None = None,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.store = store
         self.failpoints = failpoints or Failpoints()
@@ -900,6 +916,7 @@ class Harness:
         self.config = config
         self.tracer = tracer or trace.NoOpTracer()
         self._runs: dict[str, SessionRun] = {}
+        self.metrics = BrainMetrics(metrics or ServiceMetrics.disabled(), lambda: len(self._runs))
         self._hands_tools: list[sandbox_pb2.ToolSpec] | None = None
         self._scanner: asyncio.Task[None] | None = None
         self._waiting: dict[str, asyncio.Task[None]] = {}

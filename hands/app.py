@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from opentelemetry.sdk.trace import TracerProvider
 
 from hands.backend import Limits, SandboxBackend
@@ -10,6 +12,7 @@ from hands.config import HandsConfig
 from hands.git_relay import GitRelays
 from hands.sandboxes import SandboxManager
 from hands.server import SERVICE_NAME, HandsServicer
+from managed_agents.mesh.metrics import ServiceMetrics
 from managed_agents.mesh.server import MeshServer, Service
 from managed_agents.v1 import hands_pb2_grpc
 from mcp_proxy.client import McpProxyClient
@@ -18,9 +21,10 @@ from mcp_proxy.client import McpProxyClient
 class HandsServer:
     """A hands server that is serving; `aclose()` stops it (sandboxes stay on disk for a restart)."""
 
-    def __init__(self, server: MeshServer, manager: SandboxManager) -> None:
+    def __init__(self, server: MeshServer, manager: SandboxManager, metrics: ServiceMetrics | None = None) -> None:
         self.server = server
         self.manager = manager
+        self.metrics = metrics or ServiceMetrics.disabled()
 
     @property
     def address(self) -> str:
@@ -31,6 +35,7 @@ class HandsServer:
         """Lets in-flight calls finish, then stops the shells."""
         await self.server.stop(grace)
         await self.manager.aclose()
+        await self.metrics.aclose()
 
 
 def make_backend(config: HandsConfig) -> SandboxBackend:
@@ -50,6 +55,7 @@ async def start(
     """Adopts sandboxes left on disk, then serves."""
     backend = backend or make_backend(config)
     defaults = Limits(image=config.default_image if backend.name == "docker" else "")
+    metrics = ServiceMetrics.build("hands", os.environ, listen=config.metrics_listen)
     proxy = McpProxyClient.connect(config.proxy, mesh_secret=config.mesh_secret) if config.proxy else None
     manager = SandboxManager(backend, config.work_root, instance=config.instance_name, git=GitRelays(proxy))
     await manager.start()
@@ -57,7 +63,7 @@ async def start(
         [
             Service(
                 SERVICE_NAME,
-                HandsServicer(manager, defaults, dict(config.labels)),
+                HandsServicer(manager, defaults, dict(config.labels), metrics),
                 hands_pb2_grpc.add_HandsServiceServicer_to_server,
             )
         ],
@@ -67,7 +73,10 @@ async def start(
     )
     try:
         await server.start()
+        if config.metrics_listen:
+            await metrics.serve(config.metrics_listen)
     except BaseException:
         await manager.aclose()
+        await metrics.aclose()
         raise
-    return HandsServer(server, manager)
+    return HandsServer(server, manager, metrics)

@@ -51,6 +51,7 @@ class HandsConfig:
     port_file: Path | None = None
     grace_seconds: float = 10.0
     log_level: str = "info"
+    metrics_listen: str = ""
     # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
     mesh_secret: str = field(default="", repr=False)
 
@@ -138,6 +139,15 @@ class HandsConfig:
             "log level",
             choices=["debug", "info", "warning", "error"],
         )
+        add_flag(
+            parser,
+            "--metrics-listen",
+            env="HANDS_METRICS_LISTEN",
+            environ=environ,
+            default="",
+            help="host:port serving Prometheus text at /metrics (port 0 picks one); empty serves none. With "
+            "OTEL_EXPORTER_OTLP_ENDPOINT set, metrics are also exported over OTLP",
+        )
         return parser
 
     @classmethod
@@ -157,5 +167,6 @@ class HandsConfig:
             port_file=args.port_file,
             grace_seconds=args.grace,
             log_level=args.log_level,
+            metrics_listen=args.metrics_listen,
             mesh_secret=mesh_secret_or_exit(parser, environ),
         )

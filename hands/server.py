@@ -17,6 +17,7 @@ from hands.tools import bash, text_editor
 from managed_agents.mesh import paging
 from managed_agents.mesh.errors import InvalidArgument, LabelsNotCarried
 from managed_agents.mesh.ids import is_key, is_resource_id
+from managed_agents.mesh.metrics import ServiceMetrics
 from managed_agents.v1 import hands_pb2, hands_pb2_grpc, sandbox_pb2
 
 SERVICE_NAME = hands_pb2.DESCRIPTOR.services_by_name["HandsService"].full_name
@@ -151,10 +152,24 @@ def _sandbox_id(value: str) -> str:
 class HandsServicer(hands_pb2_grpc.HandsServiceServicer):
     """Serves `managed_agents.v1.HandsService` from a `SandboxManager`."""
 
-    def __init__(self, manager: SandboxManager, defaults: Limits, labels: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        manager: SandboxManager,
+        defaults: Limits,
+        labels: Mapping[str, str] | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self._manager = manager
         self._defaults = defaults
         self._labels = dict(labels or {})
+        metrics = metrics or ServiceMetrics.disabled()
+        self._executions = metrics.counter("managed_agents.hands.executions", "tool calls run, by tool and outcome")
+        self._execute_time = metrics.latency("managed_agents.hands.execute_duration", "time of one tool call")
+        metrics.gauge(
+            "managed_agents.hands.sandboxes_live",
+            "sandboxes ready for calls",
+            lambda: sum(1 for s in manager.list() if s.state == "ready"),
+        )
 
     async def Provision(
         self, request: hands_pb2.ProvisionRequest, context: grpc.aio.ServicerContext
@@ -198,6 +213,10 @@ class HandsServicer(hands_pb2_grpc.HandsServiceServicer):
         result = await self._manager.execute(
             sandbox_id, request.execution_id, request.name, tool_arguments(request.input), timeout
         )
+        if not result.replayed:
+            outcome = hands_pb2.ExecutionStatus.Name(int(result.status)).removeprefix("EXECUTION_STATUS_").lower()  # type: ignore[arg-type]
+            self._executions.add(1, {"tool": request.name, "status": outcome, "error": result.is_error})
+            self._execute_time.record(result.duration_s, {"tool": request.name})
         response = hands_pb2.ExecuteResponse(
             output=result.output,
             is_error=result.is_error,

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import httpx2
 from opentelemetry.sdk.trace import TracerProvider
 
+from managed_agents.mesh.metrics import ServiceMetrics
 from managed_agents.mesh.server import MeshServer, Service
 from managed_agents.v1 import mcp_proxy_pb2_grpc
 from mcp_proxy import validate
@@ -65,6 +67,8 @@ async def start(config: ProxyConfig, key: VaultKey, tracer_provider: TracerProvi
         stack.push_async_callback(proxy.aclose)
         git = GitRelay(vault, tokens, allow_http=config.git_allow_http)
         stack.push_async_callback(git.aclose)
+        metrics = ServiceMetrics.build("mcp-proxy", os.environ, listen=config.metrics_listen)
+        stack.push_async_callback(metrics.aclose)
         server = MeshServer(
             [
                 Service(
@@ -74,7 +78,7 @@ async def start(config: ProxyConfig, key: VaultKey, tracer_provider: TracerProvi
                 ),
                 Service(
                     PROXY_SERVICE_NAME,
-                    McpProxyServicer(proxy, git),
+                    McpProxyServicer(proxy, git, metrics),
                     mcp_proxy_pb2_grpc.add_McpProxyServiceServicer_to_server,
                 ),
             ],
@@ -83,5 +87,7 @@ async def start(config: ProxyConfig, key: VaultKey, tracer_provider: TracerProvi
             mesh_secret=config.mesh_secret,
         )
         await server.start()
+        if config.metrics_listen:
+            await metrics.serve(config.metrics_listen)
         return ProxyServer(server, proxy, stack.pop_all())
     raise AssertionError("unreachable")

@@ -32,6 +32,7 @@ class ProxyConfig:
     port_file: Path | None = None
     grace_seconds: float = 10.0
     log_level: str = "info"
+    metrics_listen: str = ""
     connect_timeout: float = 10.0
     list_timeout: float = 10.0
     refresh_timeout: float = 30.0
@@ -155,6 +156,15 @@ class ProxyConfig:
             help="let the git relay send tokens over plain http:// (for git servers on a trusted local network "
             "and tests; never over the internet) [env: MCP_PROXY_GIT_ALLOW_HTTP=1]",
         )
+        add_flag(
+            parser,
+            "--metrics-listen",
+            env="MCP_PROXY_METRICS_LISTEN",
+            environ=environ,
+            default="",
+            help="host:port serving Prometheus text at /metrics (port 0 picks one); empty serves none. With "
+            "OTEL_EXPORTER_OTLP_ENDPOINT set, metrics are also exported over OTLP",
+        )
         return parser
 
     @classmethod
@@ -170,6 +180,7 @@ class ProxyConfig:
             port_file=args.port_file,
             grace_seconds=args.grace,
             log_level=args.log_level,
+            metrics_listen=args.metrics_listen,
             connect_timeout=args.connect_timeout,
             list_timeout=args.list_timeout,
             refresh_timeout=args.refresh_timeout,

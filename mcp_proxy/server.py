@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -9,6 +10,7 @@ from google.protobuf import struct_pb2
 
 from managed_agents.mesh import paging
 from managed_agents.mesh.errors import FailedPrecondition, InvalidArgument
+from managed_agents.mesh.metrics import ServiceMetrics
 from managed_agents.v1 import content_pb2, mcp_proxy_pb2, mcp_proxy_pb2_grpc, sandbox_pb2
 from mcp_proxy import validate
 from mcp_proxy.git_relay import GitRelay
@@ -89,9 +91,12 @@ class McpProxyServicer(mcp_proxy_pb2_grpc.McpProxyServiceServicer):
     """Serves `managed_agents.v1.McpProxyService`: session tokens, MCP tools reached through them, and the git
     relay."""
 
-    def __init__(self, proxy: McpProxy, git: GitRelay | None = None) -> None:
+    def __init__(self, proxy: McpProxy, git: GitRelay | None = None, metrics: ServiceMetrics | None = None) -> None:
         self._proxy = proxy
         self._git = git
+        metrics = metrics or ServiceMetrics.disabled()
+        self._calls = metrics.counter("managed_agents.proxy.tool_calls", "MCP tool calls, by server and error")
+        self._call_time = metrics.latency("managed_agents.proxy.tool_call_duration", "time of one MCP tool call")
 
     async def MintSessionToken(
         self, request: mcp_proxy_pb2.MintSessionTokenRequest, context: grpc.aio.ServicerContext
@@ -141,7 +146,10 @@ class McpProxyServicer(mcp_proxy_pb2_grpc.McpProxyServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.001, min(timeout, remaining - _DEADLINE_MARGIN))
+        started = time.perf_counter()
         result = await self._proxy.call_tool(request.session_token, server, tool, arguments, time_limit=timeout)
+        self._calls.add(1, {"server": server, "error": result.is_error})
+        self._call_time.record(time.perf_counter() - started, {"server": server})
         return mcp_proxy_pb2.McpProxyServiceCallToolResponse(
             content=[content_block(c) for c in result.content], is_error=result.is_error
         )

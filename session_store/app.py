@@ -3,8 +3,11 @@ build it the same way."""
 
 from __future__ import annotations
 
+import os
+
 from opentelemetry.sdk.trace import TracerProvider
 
+from managed_agents.mesh.metrics import ServiceMetrics
 from managed_agents.mesh.server import MeshServer, Service
 from managed_agents.v1 import session_pb2_grpc
 from session_store.config import StoreConfig
@@ -18,9 +21,10 @@ Backend = SqliteEventStore | PostgresEventStore
 class StoreServer:
     """A session store that is serving; `aclose()` stops it gracefully."""
 
-    def __init__(self, server: MeshServer, store: Backend) -> None:
+    def __init__(self, server: MeshServer, store: Backend, metrics: ServiceMetrics | None = None) -> None:
         self.server = server
         self.store = store
+        self.metrics = metrics or ServiceMetrics.disabled()
 
     @property
     def address(self) -> str:
@@ -31,11 +35,14 @@ class StoreServer:
         """Ends watches, lets in-flight calls finish, then closes the database."""
         await self.server.stop(grace)
         await self.store.aclose()
+        await self.metrics.aclose()
 
 
-def build(config: StoreConfig, store: Backend, tracer_provider: TracerProvider | None) -> MeshServer:
+def build(
+    config: StoreConfig, store: Backend, tracer_provider: TracerProvider | None, metrics: ServiceMetrics | None = None
+) -> MeshServer:
     """A (not yet started) server for `store`."""
-    servicer = SessionServicer(store)
+    servicer = SessionServicer(store, metrics)
 
     async def end_watches() -> None:
         # Streams would otherwise hold the graceful stop for its whole grace period.
@@ -59,10 +66,14 @@ async def start(config: StoreConfig, tracer_provider: TracerProvider | None) -> 
         store = await PostgresEventStore.open(config.store_url)
     else:
         store = await SqliteEventStore.open(config.data_dir, synchronous=config.synchronous)
+    metrics = ServiceMetrics.build("session-store", os.environ, listen=config.metrics_listen)
     try:
-        server = build(config, store, tracer_provider)
+        server = build(config, store, tracer_provider, metrics)
         await server.start()
+        if config.metrics_listen:
+            await metrics.serve(config.metrics_listen)
     except BaseException:
         await store.aclose()
+        await metrics.aclose()
         raise
-    return StoreServer(server, store)
+    return StoreServer(server, store, metrics)

@@ -24,6 +24,7 @@ class StoreConfig:
     port_file: Path | None = None
     grace_seconds: float = 10.0
     log_level: str = "info"
+    metrics_listen: str = ""
     # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
     mesh_secret: str = field(default="", repr=False)
 
@@ -104,6 +105,15 @@ class StoreConfig:
             choices=["debug", "info", "warning", "error"],
             help="log level",
         )
+        add_flag(
+            parser,
+            "--metrics-listen",
+            env="SESSION_STORE_METRICS_LISTEN",
+            environ=environ,
+            default="",
+            help="host:port serving Prometheus text at /metrics (port 0 picks one); empty serves none. With "
+            "OTEL_EXPORTER_OTLP_ENDPOINT set, metrics are also exported over OTLP",
+        )
         return parser
 
     @classmethod
@@ -119,5 +129,6 @@ class StoreConfig:
             port_file=args.port_file,
             grace_seconds=args.grace,
             log_level=args.log_level,
+            metrics_listen=args.metrics_listen,
             mesh_secret=mesh_secret_or_exit(parser, environ),
         )

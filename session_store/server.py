@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -12,6 +13,7 @@ from managed_agents.events import STATUS_BY_TYPE, TYPE_BY_FIELD
 from managed_agents.mesh import paging
 from managed_agents.mesh.errors import InvalidArgument
 from managed_agents.mesh.ids import SESSION_PREFIX, new_id
+from managed_agents.mesh.metrics import ServiceMetrics
 from managed_agents.mesh.telemetry import current_trace_ids, trace_ids_from_traceparent
 from managed_agents.v1 import events_pb2, session_pb2, session_pb2_grpc
 from session_store import validate, wire
@@ -97,8 +99,25 @@ def _lease(record: SessionRecord) -> session_pb2.Lease:
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     """Serves `managed_agents.v1.SessionService` from an `EventStore`."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, metrics: ServiceMetrics | None = None) -> None:
         self._store = store
+        metrics = metrics or ServiceMetrics.disabled()
+        self._measured = metrics.enabled
+        self._appended = metrics.counter("managed_agents.store.events_appended", "events appended, by type")
+        self._append_time = metrics.latency(
+            "managed_agents.store.append_duration", "time of one EmitEvent or BatchEmitEvents, to its commit"
+        )
+
+    async def _append(self, request: AppendRequest, events: Sequence[events_pb2.Event]) -> AppendResult:
+        if not self._measured:
+            return await self._store.append(request)
+        started = time.perf_counter()
+        result: AppendResult = await self._store.append(request)
+        self._append_time.record(time.perf_counter() - started)
+        if not result.replayed:
+            for event in events:
+                self._appended.add(1, {"type": event.WhichOneof("payload") or "unknown"})
+        return result
 
     # Appends -----------------------------------------------------------------------------------------------
 
@@ -151,7 +170,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.EmitEventResponse:
         if not request.HasField("event"):
             raise InvalidArgument.field("event", "is required")
-        result: AppendResult = await self._store.append(
+        result: AppendResult = await self._append(
             self._append_request(
                 context,
                 request.session_id,
@@ -161,7 +180,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 has_expected=request.HasField("expected_seq"),
                 expected_seq=request.expected_seq,
                 lease_epoch=request.lease_epoch,
-            )
+            ),
+            [request.event],
         )
         response = session_pb2.EmitEventResponse.FromString(
             wire.repeated(wire.FIELD_1, (e.body for e in result.events))
@@ -178,7 +198,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         size = sum(e.ByteSize() for e in request.events)
         if size > validate.MAX_BATCH_BYTES:
             raise InvalidArgument.field("events", f"total {size} bytes; the batch limit is 16 MiB")
-        result = await self._store.append(
+        result = await self._append(
             self._append_request(
                 context,
                 request.session_id,
@@ -188,7 +208,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
                 has_expected=request.HasField("expected_seq"),
                 expected_seq=request.expected_seq,
                 lease_epoch=request.lease_epoch,
-            )
+            ),
+            request.events,
         )
         response = session_pb2.BatchEmitEventsResponse.FromString(
             wire.repeated(wire.FIELD_1, (e.body for e in result.events))

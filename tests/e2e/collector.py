@@ -1,5 +1,6 @@
-"""A stand-in OTLP trace collector: a real gRPC server implementing `opentelemetry.proto`'s TraceService that
-keeps every span it receives, so tests can check which processes took part in a trace and how."""
+"""A stand-in OTLP collector: a real gRPC server implementing `opentelemetry.proto`'s TraceService (every span
+it receives is kept, so tests can check which processes took part in a trace and how) and MetricsService
+(the names of the metrics each service exported are kept)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 
@@ -29,6 +31,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
 
     def __init__(self) -> None:
         self.spans: list[CollectedSpan] = []
+        self.metrics: dict[str, set[str]] = {}  # service name -> names of the metrics it exported
         self._server: grpc.aio.Server | None = None
         self.endpoint = ""
 
@@ -62,6 +65,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         """Serves on a free loopback port; returns the endpoint URL for `OTEL_EXPORTER_OTLP_ENDPOINT`."""
         self._server = grpc.aio.server()
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(self), self._server)
         port = self._server.add_insecure_port("127.0.0.1:0")
         await self._server.start()
         self.endpoint = f"http://127.0.0.1:{port}"
@@ -84,3 +88,22 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(poll(), timeout)
+
+
+class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    """Receives OTLP/gRPC metric exports for a `Collector`."""
+
+    def __init__(self, collector: Collector) -> None:
+        self._collector = collector
+
+    async def Export(
+        self, request: metrics_service_pb2.ExportMetricsServiceRequest, context: grpc.aio.ServicerContext
+    ) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        for resource_metrics in request.resource_metrics:
+            service = next(
+                (a.value.string_value for a in resource_metrics.resource.attributes if a.key == "service.name"), ""
+            )
+            names = self._collector.metrics.setdefault(service, set())
+            for scope in resource_metrics.scope_metrics:
+                names.update(m.name for m in scope.metrics)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
