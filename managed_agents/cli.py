@@ -13,8 +13,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -23,6 +25,7 @@ from managed_agents import cli_credentials, events
 from managed_agents.follow import TurnFollower
 from managed_agents.local_mesh import LocalMesh, MeshAddresses, local_mesh_secret, mesh_home
 from managed_agents.mesh.auth import MeshSecretError, mesh_secret
+from managed_agents.mesh.channel import dial
 from managed_agents.mesh.errors import MeshError, Unavailable
 from managed_agents.mesh.telemetry import build_tracer_provider
 from managed_agents.render import Renderer
@@ -235,6 +238,24 @@ async def _run(args: argparse.Namespace) -> int:
     )
 
 
+async def _health(args: argparse.Namespace) -> int:
+    """Exit 0 if the server answers SERVING, 1 if it answers anything else, 3 if it cannot be reached."""
+    async with dial(args.address) as channel:
+        try:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service or ""), timeout=args.timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                print(f"{args.address} does not serve {args.service}", file=sys.stderr)
+                return EXIT_REFUSED
+            print(f"{args.address} cannot be reached: {error.details() or error.code().name}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{args.address}{' ' + args.service if args.service else ''}: {status}")
+    return EXIT_OK if answer.status == health_pb2.HealthCheckResponse.SERVING else EXIT_REFUSED
+
+
 async def _interrupt(args: argparse.Namespace) -> int:
     async with BrainClient.connect(_address(args, "brain"), mesh_secret=_secret()) as brain:
         response = await brain.interrupt(args.session_id, reason=args.reason or "")
@@ -359,6 +380,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--mcp-server", action="append", default=[], metavar="NAME", help="grant the session this MCP server"
     )
+    health = commands.add_parser(
+        "health",
+        help="check that a mesh server is serving (for container health checks): exit 0 serving, 1 not, 3 down",
+    )
+    health.add_argument("address", help="host:port of any mesh server")
+    health.add_argument("--service", help="a service name, e.g. managed_agents.v1.SessionService (default: the server)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
     interrupt = commands.add_parser("interrupt", help="stop a session's running turn at the next safe point")
     interrupt.add_argument("session_id")
     interrupt.add_argument("--reason", help="why, recorded in the log")
@@ -397,7 +425,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_ASYNC = {"run": _run, "interrupt": _interrupt}
+_ASYNC = {"run": _run, "interrupt": _interrupt, "health": _health}
 _SESSION_ACTIONS = {
     "list": _sessions_list,
     "show": _sessions_show,
