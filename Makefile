@@ -53,9 +53,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 bench: install
-	$(BIN)/python bench/store_bench.py
+	$(BIN)/python bench/store_bench.py --backend both
 	$(BIN)/python bench/hands_bench.py
 	$(BIN)/python bench/brain_bench.py
+	$(BIN)/python bench/brain_scaling_bench.py
+	$(BIN)/python bench/tracing_bench.py
+	$(BIN)/python bench/auth_bench.py
+	$(BIN)/python bench/proxy_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
