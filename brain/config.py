@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from managed_agents.mesh.config import add_flag, mesh_secret_or_exit, parse_listen
+from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, parse_listen
 from managed_agents.mesh.failpoints import ENV as FAILPOINTS_ENV
 
 
@@ -143,15 +143,7 @@ class BrainConfig:
             "log level",
             choices=["debug", "info", "warning", "error"],
         )
-        add_flag(
-            parser,
-            "--metrics-listen",
-            env="BRAIN_METRICS_LISTEN",
-            environ=environ,
-            default="",
-            help="host:port serving Prometheus text at /metrics (port 0 picks one); empty serves none. With "
-            "OTEL_EXPORTER_OTLP_ENDPOINT set, metrics are also exported over OTLP",
-        )
+        add_metrics_flag(parser, environ, env="BRAIN_METRICS_LISTEN")
         return parser
 
     @classmethod

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from managed_agents.mesh.config import add_flag, mesh_secret_or_exit, parse_listen
+from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, parse_listen
 from mcp_proxy.vault import VaultKey, VaultKeyError, read_key_file
 
 KEY_ENV = "MCP_PROXY_VAULT_KEY"
@@ -156,15 +156,7 @@ class ProxyConfig:
             help="let the git relay send tokens over plain http:// (for git servers on a trusted local network "
             "and tests; never over the internet) [env: MCP_PROXY_GIT_ALLOW_HTTP=1]",
         )
-        add_flag(
-            parser,
-            "--metrics-listen",
-            env="MCP_PROXY_METRICS_LISTEN",
-            environ=environ,
-            default="",
-            help="host:port serving Prometheus text at /metrics (port 0 picks one); empty serves none. With "
-            "OTEL_EXPORTER_OTLP_ENDPOINT set, metrics are also exported over OTLP",
-        )
+        add_metrics_flag(parser, environ, env="MCP_PROXY_METRICS_LISTEN")
         return parser
 
     @classmethod

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
 
-from managed_agents.mesh.config import add_flag, mesh_secret_or_exit, parse_listen
+from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, parse_listen
 
 Synchronous = Literal["normal", "full"]
 
@@ -105,15 +105,7 @@ class StoreConfig:
             choices=["debug", "info", "warning", "error"],
             help="log level",
         )
-        add_flag(
-            parser,
-            "--metrics-listen",
-            env="SESSION_STORE_METRICS_LISTEN",
-            environ=environ,
-            default="",
-            help="host:port serving Prometheus text at /metrics (port 0 picks one); empty serves none. With "
-            "OTEL_EXPORTER_OTLP_ENDPOINT set, metrics are also exported over OTLP",
-        )
+        add_metrics_flag(parser, environ, env="SESSION_STORE_METRICS_LISTEN")
         return parser
 
     @classmethod

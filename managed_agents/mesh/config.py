@@ -46,3 +46,16 @@ def mesh_secret_or_exit(parser: argparse.ArgumentParser, environ: Mapping[str, s
         return mesh_secret(environ)
     except MeshSecretError as error:
         parser.error(str(error))
+
+
+def add_metrics_flag(parser: argparse.ArgumentParser, environ: Mapping[str, str], *, env: str) -> None:
+    """`--metrics-listen`, the same for every service (see `managed_agents.mesh.metrics`)."""
+    add_flag(
+        parser,
+        "--metrics-listen",
+        env=env,
+        environ=environ,
+        default="",
+        help="host:port serving Prometheus text at /metrics (port 0 picks one); empty serves none. With "
+        "OTEL_EXPORTER_OTLP_ENDPOINT set, metrics are also exported over OTLP",
+    )

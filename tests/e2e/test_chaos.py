@@ -124,6 +124,8 @@ async def test_chaos_loses_nothing_and_runs_no_tool_twice(
                     while True:
                         await asyncio.sleep(1)
                         up = [i for i in range(len(victims)) if i not in restarting]
+                        if not up:
+                            continue  # every process is still coming back from its last kill
                         index = random.choice(up)
                         kind, victim = victims[index]
                         victim.kill()

@@ -40,6 +40,8 @@ class GitMesh:
     hands: HandsClient
     hands_address: str
     token: str
+    hands_config: HandsConfig
+    hands_server: hands_app.HandsServer
     calls: itertools.count[int] = field(default_factory=itertools.count)
 
     def repository(self, name: str, **kwargs: str) -> sandbox_pb2.Resources:
@@ -67,13 +69,12 @@ async def mesh(tmp_path: Path) -> AsyncIterator[GitMesh]:
     proxy = await proxy_app.start(
         ProxyConfig(listen="127.0.0.1:0", data_dir=tmp_path / "proxy", git_allow_http=True), VaultKey.generate(), None
     )
-    hands = await hands_app.start(
-        HandsConfig(listen="127.0.0.1:0", work_root=tmp_path / "git-sandboxes", proxy=proxy.address), None
-    )
+    hands_config = HandsConfig(listen="127.0.0.1:0", work_root=tmp_path / "git-sandboxes", proxy=proxy.address)
+    hands = await hands_app.start(hands_config, None)
     async with McpProxyClient.connect(proxy.address) as vault, HandsClient.connect(hands.address) as client:
         await vault.put_credential(_credential("repo-token", git.port), mcp_proxy_pb2.CredentialSecret(token=git.token))
         token = (await vault.mint_session_token(SESSION, ["repo-token"])).token
-        yield GitMesh(git, vault, proxy.address, client, hands.address, token)
+        yield GitMesh(git, vault, proxy.address, client, hands.address, token, hands_config, hands)
     await hands.aclose(grace=1.0)
     await proxy.aclose(grace=1.0)
     await git.stop()
@@ -200,3 +201,30 @@ async def test_a_session_pushes_to_its_private_repository_through_the_brain(
     assert mesh.git.log("app")[0] == "from-claude"
     everything = b"".join(e.SerializeToString() for e in log)
     assert mesh.git.token.encode() not in everything and b"mst1." not in everything
+
+
+async def test_git_survives_a_timeout_a_shell_restart_and_a_hands_restart(mesh: GitMesh) -> None:
+    sandbox = await mesh.hands.provision(
+        resources=mesh.repository("app"), session_id=SESSION, credential_token=mesh.token
+    )
+    fetch = "git -C /workspace/app fetch -q 2>&1 && echo fetched"
+    timed_out = await mesh.hands.execute(
+        sandbox.id, execution_id="slow", name="bash", input={"command": "sleep 30"}, timeout=1
+    )
+    assert timed_out.status == hands_pb2.EXECUTION_STATUS_TIMED_OUT
+    assert (await mesh.run(sandbox.id, fetch)).output.strip() == "fetched", "the timeout spared the relay"
+    await mesh.hands.execute(sandbox.id, execution_id="restart", name="bash", input={"restart": True})
+    assert (await mesh.run(sandbox.id, fetch)).output.strip() == "fetched", "the new shell's network has it too"
+    # A new hands server adopts the sandbox; its relay waits for the token the next tool call brings.
+    await mesh.hands_server.aclose(grace=1)
+    restarted = await hands_app.start(mesh.hands_config, None)
+    try:
+        async with HandsClient.connect(restarted.address) as hands:
+            tokenless = await hands.execute(sandbox.id, execution_id="a1", name="bash", input={"command": fetch})
+            assert tokenless.is_error and "no session token yet" in tokenless.output
+            with_token = await hands.execute(
+                sandbox.id, execution_id="a2", name="bash", input={"command": fetch}, credential_token=mesh.token
+            )
+            assert with_token.output.strip() == "fetched", with_token.output
+    finally:
+        await restarted.aclose(grace=1)
