@@ -29,7 +29,7 @@ from managed_agents.mesh.channel import dial
 from managed_agents.mesh.errors import MeshError, Unavailable
 from managed_agents.mesh.telemetry import build_tracer_provider
 from managed_agents.render import Renderer
-from managed_agents.v1 import brain_pb2, events_pb2, session_pb2
+from managed_agents.v1 import brain_pb2, events_pb2, sandbox_pb2, session_pb2
 from session_store.client import SessionStoreClient
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -121,7 +121,7 @@ async def _sessions_tail(args: argparse.Namespace) -> int:
 async def _sessions_create(args: argparse.Namespace) -> int:
     async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret()) as store:
         session = await store.create_session(
-            session_id=args.id or "", title=args.title or "", agent=_agent(args.mcp_server)
+            session_id=args.id or "", title=args.title or "", agent=_agent(args.mcp_server, args.repo)
         )
     print(_json_line(session) if args.json else session.id)
     return EXIT_OK
@@ -150,8 +150,21 @@ async def _sessions_send(args: argparse.Namespace) -> int:
 # Running turns ---------------------------------------------------------------------------------------------
 
 
-def _agent(mcp_servers: Sequence[str]) -> session_pb2.AgentConfig | None:
-    return session_pb2.AgentConfig(mcp_servers=mcp_servers) if mcp_servers else None
+def _repository(text: str) -> sandbox_pb2.Repository:
+    """`CREDENTIAL=URL[#BRANCH]`: a repository cloned into the session's sandbox with a vault git credential."""
+    credential, sep, url = text.partition("=")
+    if not sep or not credential or not url:
+        raise argparse.ArgumentTypeError(f"{text!r} is not CREDENTIAL=URL (e.g. github=https://github.com/o/r.git)")
+    url, _, branch = url.partition("#")
+    return sandbox_pb2.Repository(url=url, credential=credential, branch=branch)
+
+
+def _agent(
+    mcp_servers: Sequence[str], repositories: Sequence[sandbox_pb2.Repository] = ()
+) -> session_pb2.AgentConfig | None:
+    if not mcp_servers and not repositories:
+        return None
+    return session_pb2.AgentConfig(mcp_servers=mcp_servers, resources=sandbox_pb2.Resources(repositories=repositories))
 
 
 async def _run_prompt(
@@ -163,6 +176,7 @@ async def _run_prompt(
     json_lines: bool,
     say: Callable[[str], None],
     mcp_servers: Sequence[str] = (),
+    repositories: Sequence[sandbox_pb2.Repository] = (),
 ) -> int:
     renderer = Renderer.for_terminal(sys.stdout.isatty())
     # With OTEL_EXPORTER_OTLP_ENDPOINT set, the turn's trace starts here, at the Wake this command sends.
@@ -180,6 +194,7 @@ async def _run_prompt(
                 renderer=renderer,
                 tracer_provider=provider,
                 mcp_servers=mcp_servers,
+                repositories=repositories,
             )
     finally:
         if provider is not None:
@@ -197,12 +212,13 @@ async def _drive_turn(
     renderer: Renderer,
     tracer_provider: TracerProvider | None,
     mcp_servers: Sequence[str] = (),
+    repositories: Sequence[sandbox_pb2.Repository] = (),
 ) -> int:
     async with (
         SessionStoreClient.connect(store_address, tracer_provider=tracer_provider, mesh_secret=_secret()) as store,
         BrainClient.connect(brain_address, tracer_provider=tracer_provider, mesh_secret=_secret()) as brain,
     ):
-        session = await store.create_session(title=title or prompt[:80], agent=_agent(mcp_servers))
+        session = await store.create_session(title=title or prompt[:80], agent=_agent(mcp_servers, repositories))
         say(f"session {session.id}")
         await store.emit(session.id, events.user_message(prompt, producer="cli"))
         follower = TurnFollower(store, renderer, json_lines=json_lines)
@@ -235,6 +251,7 @@ async def _run(args: argparse.Namespace) -> int:
         json_lines=args.json,
         say=say,
         mcp_servers=args.mcp_server,
+        repositories=args.repo,
     )
 
 
@@ -380,6 +397,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--mcp-server", action="append", default=[], metavar="NAME", help="grant the session this MCP server"
     )
+    run.add_argument(
+        "--repo",
+        action="append",
+        default=[],
+        type=_repository,
+        metavar="CREDENTIAL=URL[#BRANCH]",
+        help="clone this repository into the session's sandbox, pushing and pulling with the vault's git "
+        "credential (the token never enters the sandbox)",
+    )
     health = commands.add_parser(
         "health",
         help="check that a mesh server is serving (for container health checks): exit 0 serving, 1 not, 3 down",
@@ -414,6 +440,15 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--json", action="store_true", help="print the whole session as JSON")
     create.add_argument(
         "--mcp-server", action="append", default=[], metavar="NAME", help="grant the session this MCP server"
+    )
+    create.add_argument(
+        "--repo",
+        action="append",
+        default=[],
+        type=_repository,
+        metavar="CREDENTIAL=URL[#BRANCH]",
+        help="clone this repository into the session's sandbox, pushing and pulling with the vault's git "
+        "credential (the token never enters the sandbox)",
     )
     send = actions.add_parser("send", help="append a user message and wake a brain to answer it")
     send.add_argument("session_id")

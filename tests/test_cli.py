@@ -90,3 +90,25 @@ def test_demo_runs_a_whole_session_across_separate_processes(tmp_path: Path) -> 
     assert "Ran 2 tests" in out and "OK" in out, "the tests ran inside the sandbox"
     assert "turn ended: end_turn" in out
     assert not (tmp_path / "home" / "mesh.json").exists(), "the mesh was stopped and its address file removed"
+
+
+def test_sessions_can_be_granted_mcp_servers_and_repositories(store_process: ServiceProcess) -> None:
+    store = store_process.start().address
+    created = cli(
+        "sessions",
+        "create",
+        "--json",
+        "--mcp-server",
+        "tickets",
+        "--repo",
+        "github=https://github.com/me/app.git#dev",
+        store=store,
+    )
+    assert created.returncode == 0, created.stderr
+    agent = json.loads(created.stdout)["agent"]
+    assert agent["mcp_servers"] == ["tickets"]
+    assert agent["resources"]["repositories"] == [
+        {"url": "https://github.com/me/app.git", "credential": "github", "branch": "dev"}
+    ]
+    bad = cli("sessions", "create", "--repo", "https://github.com/me/app.git", store=store)
+    assert bad.returncode == 2 and "is not CREDENTIAL=URL" in bad.stderr
