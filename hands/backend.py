@@ -93,7 +93,11 @@ class ShellProcess(Protocol):
         ...
 
     def exit_description(self) -> str | None:
-        """None while the shell runs; else how it ended, for humans (`killed by signal 9`, ...)."""
+        """None while the shell runs; else how it ended, for humans (`killed by signal 9`, ...).
+
+        Called on the event loop before every tool call, so it must answer from what the backend already
+        knows (a child's return code, the end of the shell's output stream, a status watch), never with a
+        round trip to an engine or API; `wait_exit` is where waiting belongs."""
         ...
 
     async def wait_exit(self, timeout: float) -> str | None:

@@ -50,6 +50,9 @@ class DockerShell:
         self._attached = attached  # the SDK's wrapper: it must be closed too, or it leaks its socket
         self._sock: socket.socket = getattr(attached, "_sock", attached)
         self._closed = False
+        # Set by the reader once the attach stream ends: the shell (the container's main process) has stopped.
+        self._stream_ended = threading.Event()
+        self._exit: str | None = None
         # A reader thread of its own owns the socket's reads: a blocking recv cannot be cancelled, so a reader
         # that gave up (a timeout) would leave a recv behind that swallows the next output; and a shared pool
         # would be exhausted by one blocked recv per live sandbox.
@@ -78,6 +81,7 @@ class DockerShell:
                     if payload:
                         self._loop.call_soon_threadsafe(self._output.put_nowait, payload)
         finally:
+            self._stream_ended.set()
             with contextlib.suppress(RuntimeError):  # the loop may be gone at interpreter exit
                 self._loop.call_soon_threadsafe(self._output.put_nowait, b"")
 
@@ -127,6 +131,16 @@ class DockerShell:
         return pid if pid and await asyncio.to_thread(os.path.exists, f"/proc/{pid}/ns/net") else None
 
     def exit_description(self) -> str | None:
+        # Called on the event loop before every call: while the attach stream is open the shell runs, and that
+        # is known without a round trip to the engine. Only a stream that ended is worth asking about.
+        if self._exit is not None:
+            return self._exit
+        if not (self._stream_ended.is_set() or self._closed):
+            return None
+        self._exit = self._describe_exit()
+        return self._exit
+
+    def _describe_exit(self) -> str | None:
         state = self._state()
         if state is None:
             return "removed (its container no longer exists)"
