@@ -23,6 +23,7 @@ from session_store.config import StoreConfig
 from tests.brain.helpers import wait_idle
 from tests.conftest import StartBrain, StartStandin
 from tests.e2e.collector import Collector
+from tests.helpers import assert_eventually
 
 
 async def _scrape(address: str) -> dict[str, float]:
@@ -35,6 +36,10 @@ async def _scrape(address: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
+
+
+async def _running_is(address: str, value: float) -> bool:
+    return (await _scrape(address))["managed_agents_brain_sessions_running"] == value
 
 
 def _sum(samples: dict[str, float], pattern: str) -> float:
@@ -70,7 +75,8 @@ async def test_prometheus_endpoints_show_a_session(
         assert brain_samples['managed_agents_brain_model_tokens_total{kind="output"}'] > 0
         assert brain_samples['managed_agents_brain_model_calls_total{outcome="ok"}'] == 2
         assert brain_samples['managed_agents_brain_tool_calls_total{error="False",route="hands",tool="bash"}'] == 1
-        assert brain_samples["managed_agents_brain_sessions_running"] == 0
+        # The run ends just after it logs the idle event (it releases the lease, then looks for late input).
+        await assert_eventually(lambda: _running_is(brain.metrics.address, 0))
         hands_samples = await _scrape(hands.metrics.address)
         assert hands_samples['managed_agents_hands_executions_total{error="False",status="completed",tool="bash"}'] == 1
         assert hands_samples["managed_agents_hands_sandboxes_live"] == 1
