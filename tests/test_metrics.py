@@ -92,6 +92,9 @@ def test_metrics_cost_nothing_unless_asked_for() -> None:
     assert not ServiceMetrics.build("x", {}).enabled
     assert ServiceMetrics.build("x", {}, listen="127.0.0.1:0").enabled
     assert ServiceMetrics.build("x", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"}).enabled
+    assert ServiceMetrics.build("x", {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://127.0.0.1:1"}).enabled
+    # An endpoint for traces only exports no metrics (they would go to the exporter's default, localhost:4317).
+    assert not ServiceMetrics.build("x", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:1"}).enabled
 
 
 @pytest.mark.slow
