@@ -168,3 +168,20 @@ async def test_rpcs_are_counted_by_method_and_status_code(tmp_path: Path) -> Non
         assert samples[duration] == 1
     finally:
         await store.aclose(grace=1)
+
+
+async def test_a_service_process_announces_its_metrics_address(tmp_path: Path) -> None:
+    store = ServiceProcess(
+        "session_store",
+        ["--data-dir", str(tmp_path / "store"), "--metrics-listen", "127.0.0.1:0"],
+        tmp_path,
+    ).start()
+    try:
+        found = re.search(r"metrics on http://(127\.0\.0\.1:\d+)/metrics", store.log())
+        assert found, store.log()
+        async with SessionStoreClient.connect(store.address) as client:
+            await client.create_session()
+        samples = await _scrape(found.group(1))
+    finally:
+        store.stop()
+    assert _sum(samples, r'rpc_server_calls_total\{rpc_grpc_status_code="OK",rpc_method="CreateSession",.*\}') == 1
