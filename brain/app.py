@@ -128,6 +128,7 @@ async def start(
         listen=config.listen,
         tracer_provider=tracer_provider,
         mesh_secret=config.mesh_secret,
+        metrics=metrics,
     )
     await server.start()
     if config.metrics_listen:

@@ -70,6 +70,7 @@ async def start(
         listen=config.listen,
         tracer_provider=tracer_provider,
         mesh_secret=config.mesh_secret,
+        metrics=metrics,
     )
     try:
         await server.start()

@@ -31,11 +31,10 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
-from managed_agents.mesh.telemetry import _version, tracing_enabled
+from managed_agents.mesh.telemetry import _version
 
 log = logging.getLogger(__name__)
 
-ENV = "MANAGED_AGENTS_METRICS_LISTEN"
 # Latency buckets in seconds: sub-millisecond appends up to minutes-long tool calls.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -70,7 +69,9 @@ class ServiceMetrics:
         if listen:
             scrape = InMemoryMetricReader()
             readers.append(scrape)
-        if tracing_enabled(environ) or environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+        # Not `tracing_enabled`: a traces-only endpoint would send metrics to the exporter's default,
+        # localhost:4317, where nothing may listen.
+        if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
             readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))

@@ -20,6 +20,8 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.trace import TracerProvider
 
 from managed_agents.mesh.auth import SECRET_FILE_ENV, RequireMeshSecret
+from managed_agents.mesh.metrics import ServiceMetrics
+from managed_agents.mesh.rpc_metrics import RpcMetrics
 from managed_agents.mesh.status import ErrorTranslatingServicer
 
 log = logging.getLogger(__name__)
@@ -48,10 +50,12 @@ class MeshServer:
         max_message_bytes: int = 32 * MIB,
         on_stopping: Sequence[Callable[[], Awaitable[None]]] = (),
         mesh_secret: str = "",
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         """`on_stopping` hooks run once health reports NOT_SERVING and before in-flight calls are drained;
         services use them to end their streams. Without a tracer provider the server is not instrumented. With
-        `mesh_secret`, calls without it are refused (`managed_agents.mesh.auth`)."""
+        `mesh_secret`, calls without it are refused (`managed_agents.mesh.auth`). With `metrics` enabled, every call
+        is counted by method and status code (`managed_agents.mesh.rpc_metrics`)."""
         self._services = tuple(services)
         self._listen = listen
         self._on_stopping = tuple(on_stopping)
@@ -60,6 +64,8 @@ class MeshServer:
         self._stopping = False
         self.port = 0
         interceptors: list[grpc.aio.ServerInterceptor] = []
+        if metrics is not None and metrics.enabled:
+            interceptors.append(RpcMetrics(metrics))  # outermost: refused calls count too
         if mesh_secret:
             interceptors.append(RequireMeshSecret(mesh_secret))
         self._authenticated = bool(mesh_secret)

@@ -11,10 +11,16 @@ import subprocess
 import sys
 import tomllib
 from asyncio.subprocess import PIPE
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
+from brain.config import BrainConfig
+from hands.config import HandsConfig
+from mcp_proxy.config import ProxyConfig
 from session_store.app import StoreServer
+from session_store.config import StoreConfig
 from tests.helpers import ROOT
 
 
@@ -90,3 +96,26 @@ async def test_health_tells_serving_from_down(store_server: StoreServer) -> None
         closed = f"127.0.0.1:{probe.getsockname()[1]}"
     code, _, err = await _cli_async("health", closed, "--timeout", "1")
     assert code == 3 and "cannot be reached" in err
+
+
+def test_compose_commands_parse_with_each_services_own_parser() -> None:
+    """Stricter than `--help`: the real parser accepts every command, values included, and the health check
+    probes the port the service listens on."""
+    parsers: dict[str, Callable[[Sequence[str], Mapping[str, str]], Any]] = {
+        "store": StoreConfig.from_args,
+        "brain": BrainConfig.from_args,
+        "hands": HandsConfig.from_args,
+        "proxy": ProxyConfig.from_args,
+    }
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        subcommand, *argv = service["command"]
+        config = parsers[subcommand](argv, {})
+        port = config.listen.rsplit(":", 1)[1]
+        assert config.listen.startswith("0.0.0.0:"), f"{name} must listen beyond the container's loopback"
+        assert service["healthcheck"]["test"][3] == f"127.0.0.1:{port}", name
+
+
+def test_the_build_context_leaves_local_state_and_secrets_out() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".managed-agents", "secrets", ".git"} <= ignored
