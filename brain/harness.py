@@ -254,7 +254,7 @@ class SessionRun:
                 self._interrupted.clear()
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Runs a store call, retrying while the store is briefly unreachable; fencing ends the run."""
+        """Runs a mesh call, retrying while its server is briefly unreachable; fencing ends the run."""
         delay = 0.05
         deadline = time.monotonic() + 60
         while True:
@@ -472,7 +472,8 @@ class SessionRun:
 
     async def _tool_set(self) -> ToolSet:
         if self._tools is None:
-            specs = await self._harness.hands_tools()
+            # Every hands server may be restarting at once; that is an outage to wait out, not a crashed run.
+            specs = await self._retrying(self._harness.hands_tools)
             try:
                 mcp_tools = await self._mcp.tools()
             except McpUnavailable as error:

@@ -74,5 +74,9 @@ def dial(
             ("grpc.service_config", _service_config(retry_methods, balanced=balanced)),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
+            # gRPC's default reconnect backoff grows to 120 s, tuned for clients on the internet. Mesh peers are
+            # restarted in about a second and the caller retries, so a peer that is back must be seen soon.
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 3_000),
         ],
     )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 from brain.client import BrainClient
 from hands.app import HandsServer
 from hands.client import HandsClient
 from managed_agents import events
+from managed_agents.procs import ServiceProcess, stop_all
 from managed_agents.standin.script import Script, step, text, tool
 from session_store.client import SessionStoreClient
 from tests.brain.conftest import StartBrain, StartStandin
@@ -71,3 +74,28 @@ async def test_a_sandbox_that_dies_mid_turn_is_an_error_claude_sees_then_a_new_o
     assert stop_reasons(log) == ["end_turn"]
     # Claude saw the error: it was in the request after the failed call.
     assert "gone" in str(standin.standin.requests[2]["messages"][-1])
+
+
+async def test_a_turn_waits_out_a_hands_server_that_is_down_when_it_starts(
+    tmp_path: Path, store: SessionStoreClient, start_standin: StartStandin, start_brain: StartBrain
+) -> None:
+    # The brain needs hands' tool list before its first model call. Every hands server restarting at that
+    # moment is an outage to wait out, not a crash of the run (which, three times over, would end the turn).
+    hands_process = ServiceProcess("hands", ["--work-root", str(tmp_path / "sandboxes")], tmp_path / "hands").start()
+    hands_process.stop()
+    standin = await start_standin(Script(steps=(step(tool("bash", command="echo back")), step(text("done")))))
+    brain = await start_brain(standin, hands=hands_process.address)
+    session_id = await start_session(store, "run something")
+    try:
+        async with BrainClient.connect(brain.address) as client:
+            await client.wake(session_id)
+        await asyncio.sleep(1.5)
+        assert standin.standin.requests == [], "no model call can be made without the tool list"
+        await asyncio.to_thread(hands_process.restart)
+        log = await wait_idle(store, session_id, timeout=60)
+    finally:
+        await stop_all(hands_process)
+    assert stop_reasons(log) == ["end_turn"]
+    assert not [e for e in log if e.HasField("session_error")]
+    results = [e.agent_tool_result for e in log if e.HasField("agent_tool_result")]
+    assert [(r.is_error, r.content[0].text.text) for r in results] == [(False, "back\n")]
