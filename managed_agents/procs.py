@@ -3,6 +3,7 @@ file they write once serving. The CLI's `demo`/`up` and the tests start services
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -100,3 +101,9 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+async def stop_all(*processes: ServiceProcess) -> None:
+    """Stops processes at once, off the event loop: a stopping service flushes to servers that may live on
+    this very loop (a test's OTLP collector, a stand-in model), which a blocking wait would starve."""
+    await asyncio.gather(*(asyncio.to_thread(process.stop) for process in processes))

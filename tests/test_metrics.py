@@ -16,7 +16,7 @@ from hands.config import HandsConfig
 from managed_agents import events
 from managed_agents.mesh.errors import NotFound, NotMeshPeer
 from managed_agents.mesh.metrics import ServiceMetrics
-from managed_agents.procs import ServiceProcess
+from managed_agents.procs import ServiceProcess, stop_all
 from managed_agents.standin.script import Script, step, text, tool
 from session_store import app as store_app
 from session_store.client import SessionStoreClient
@@ -115,7 +115,7 @@ async def test_with_an_otlp_endpoint_metrics_reach_the_collector(tmp_path: Path)
             lambda c: "managed_agents.store.events_appended" in c.metrics.get("session-store", set())
         )
     finally:
-        store.stop()
+        await stop_all(store)
         await collector.stop()
     assert "managed_agents.store.append_duration" in collector.metrics["session-store"]
     assert os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") is None, "the test process itself exported nothing"

@@ -14,7 +14,7 @@ import pytest
 from brain.client import BrainClient
 from managed_agents import events
 from managed_agents.mesh.auth import SECRET_FILE_ENV, write_secret_file
-from managed_agents.procs import ServiceProcess
+from managed_agents.procs import ServiceProcess, stop_all
 from managed_agents.standin.script import Script, step, text, tool
 from managed_agents.standin.server import StandinServer
 from managed_agents.v1 import events_pb2, session_pb2
@@ -72,8 +72,7 @@ async def closed_mesh(tmp_path: Path) -> AsyncIterator[ClosedMesh]:
             await vault.put_credential(*credential_for(tickets))
         yield mesh
     finally:
-        for process in reversed(mesh.processes):
-            process.stop()
+        await stop_all(*mesh.processes)
         await files.stop()
         await tickets.stop()
         await standin.aclose()

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from brain.client import BrainClient
 from managed_agents import events
-from managed_agents.procs import ServiceProcess
+from managed_agents.procs import ServiceProcess, stop_all
 from managed_agents.standin.script import Script, step, text, tool
 from managed_agents.standin.server import StandinServer
 from managed_agents.v1 import session_pb2
@@ -112,11 +112,8 @@ async def test_one_trace_follows_a_turn_through_every_process(tmp_path: Path, co
             lambda c: {"session-store", "hands", "brain", "mcp-proxy"} <= {s.service for s in c.trace(trace_id)}
         )
     finally:
-        brain.stop()
-        proxy.stop()
+        await stop_all(brain, proxy, hands, store)
         await upstream.stop()
-        hands.stop()
-        store.stop()
         client_provider.shutdown()
         await standin.aclose()
     spans = collector.trace(trace_id)
@@ -169,10 +166,7 @@ async def test_a_turn_resumed_after_a_crash_links_to_the_one_cut_off(tmp_path: P
         first_trace = next(e.trace_id for e in log if e.HasField("agent_tool_use"))
         await collector.wait_for(lambda c: any(s.name == "brain.turn" and s.links for s in c.spans))
     finally:
-        survivor.stop()
-        doomed.stop()
-        hands.stop()
-        store.stop()
+        await stop_all(survivor, doomed, hands, store)
         await standin.aclose()
     resumed = next(s for s in collector.spans if s.name == "brain.turn" and s.links)
     assert resumed.trace_id != first_trace, "the resumed turn is a trace of its own"

@@ -4,6 +4,7 @@ no registry is reachable here)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -112,6 +113,14 @@ async def hands_server(backend: str, tmp_path: Path, request: pytest.FixtureRequ
     await server.aclose(grace=1.0)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 @pytest.fixture
 def kill_sandbox(backend: str, request: pytest.FixtureRequest) -> KillSandbox:
     """Kills a sandbox behind hands' back, as a crash or an operator would."""
@@ -122,6 +131,11 @@ def kill_sandbox(backend: str, request: pytest.FixtureRequest) -> KillSandbox:
             assert pids, "the sandbox's processes are visible on the host"
             for pid in pids:
                 os.kill(int(pid), signal.SIGKILL)
+            # SIGKILL is delivered asynchronously: wait until each process is dead (gone, or a zombie its parent
+            # has not reaped yet), so the next call meets a dead sandbox, not one that is still dying.
+            deadline = time.monotonic() + 10
+            while any(_alive(int(pid)) for pid in pids) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         else:
             import docker
 
