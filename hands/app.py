@@ -46,7 +46,7 @@ def make_backend(config: HandsConfig) -> SandboxBackend:
         return DockerBackend.connect(config.docker_url, default_image=config.default_image)
     from hands.backends.bwrap import BwrapBackend
 
-    return BwrapBackend.create_default()
+    return BwrapBackend.create_default(config.work_root)
 
 
 async def start(

@@ -1,9 +1,16 @@
 """Resource limits of bwrap sandboxes, by whatever this host allows: a cgroup v2 group per sandbox, else cgroup
-v1 groups (memory, pids, cpu), else per-process rlimits. The mode is detected once, by trying it."""
+v1 groups (memory, pids, cpu), else per-process rlimits. The mode is detected once, by trying it.
+
+Groups live under `managed-agents/<scope>/<sandbox id>`, the scope naming the server's work root. A server
+killed with SIGKILL cannot remove its groups, and the kernel keeps an empty group forever (cgroup v1 allows
+65,535 memory groups per host: enough leaks and no sandbox can be made). So a starting server removes the empty
+groups of its own scope: sandboxes it adopts get theirs again, and another server's groups are not its to touch.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -16,34 +23,73 @@ log = logging.getLogger(__name__)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP = "managed-agents"
 _PERIOD_US = 100_000
+_CONTROLLERS = "+memory +pids +cpu"
+_V1_HIERARCHIES = ("memory", "pids", "cpu")
+
+
+def scope_of(work_root: Path) -> str:
+    """The group scope of the server whose sandboxes live in `work_root` (one per work root on a host)."""
+    return "w-" + hashlib.sha256(str(work_root.resolve()).encode()).hexdigest()[:16]
 
 
 class LimitGroups:
     """Creates, joins, inspects and removes the limit groups of sandboxes."""
 
-    def __init__(self, mode: Enforcement, root: Path = CGROUP_ROOT) -> None:
+    def __init__(self, mode: Enforcement, root: Path = CGROUP_ROOT, scope: str = "shared") -> None:
         self.mode = mode
         self._root = root
+        self.scope = scope
 
     @classmethod
-    def detect(cls, root: Path = CGROUP_ROOT, prefer: Enforcement | None = None) -> LimitGroups:
+    def detect(
+        cls, root: Path = CGROUP_ROOT, prefer: Enforcement | None = None, *, scope: str = "shared"
+    ) -> LimitGroups:
         """The strongest mode that works here (tried for real with a probe group)."""
         candidates = [Enforcement.CGROUP_V2, Enforcement.CGROUP_V1, Enforcement.RLIMIT]
         if prefer is not None:
             candidates = candidates[candidates.index(prefer) :]
         for mode in candidates:
-            groups = cls(mode, root)
+            groups = cls(mode, root, scope)
             if mode is Enforcement.RLIMIT or groups._probe():
                 log.info("sandbox limits enforced by %s", mode.name)
                 return groups
         raise AssertionError("unreachable")
 
-    def _dirs(self, sandbox_id: str) -> list[Path]:
+    def _scopes(self) -> list[Path]:
         if self.mode is Enforcement.CGROUP_V2:
-            return [self._root / GROUP / sandbox_id]
+            return [self._root / GROUP / self.scope]
         if self.mode is Enforcement.CGROUP_V1:
-            return [self._root / c / GROUP / sandbox_id for c in ("memory", "pids", "cpu")]
+            return [self._root / c / GROUP / self.scope for c in _V1_HIERARCHIES]
         return []
+
+    def _dirs(self, sandbox_id: str) -> list[Path]:
+        return [scope / sandbox_id for scope in self._scopes()]
+
+    def sweep(self) -> int:
+        """Removes the empty groups of this scope (left by a killed server); returns how many went.
+
+        Groups with processes in them are kept: the kernel refuses to remove them. Also removes empty groups
+        of the earlier flat layout (`managed-agents/<sandbox id>`), which no server makes any more.
+        """
+        removed = 0
+        for scope in self._scopes():
+            # Scopes of servers that have no sandbox left (a test's work root, a retired host path) go too.
+            others = [p for p in scope.parent.glob("w-*") if p != scope] if scope.parent.is_dir() else []
+            for other in others:
+                with contextlib.suppress(OSError):
+                    other.rmdir()
+            flat = [*scope.parent.glob("sbx_*"), *scope.parent.glob("probe-*")] if scope.parent.is_dir() else []
+            legacy = [p for p in flat if p.is_dir()]
+            current = [p for p in scope.iterdir() if p.is_dir()] if scope.is_dir() else []
+            for group in (*current, *legacy):
+                try:
+                    group.rmdir()
+                    removed += 1
+                except OSError:
+                    pass  # still has processes (or sub-groups): in use
+        if removed:
+            log.info("removed %d empty sandbox limit group(s) left by an earlier server", removed)
+        return removed
 
     def _probe(self) -> bool:
         # The hierarchy must really be there: on hybrid hosts /sys/fs/cgroup is a tmpfs where mkdir and writing
@@ -71,14 +117,24 @@ class LimitGroups:
 
     def create(self, sandbox_id: str, limits: Limits) -> None:
         """Makes the sandbox's groups with its limits. Raises OSError if the host refuses."""
+        for attempt in range(3):
+            try:
+                return self._create(sandbox_id, limits)
+            except FileNotFoundError:
+                # Another server's sweep removed our scope while it was empty, between its mkdir and ours.
+                if attempt == 2:
+                    raise
+
+    def _create(self, sandbox_id: str, limits: Limits) -> None:
         quota = max(1000, limits.cpu_millis * _PERIOD_US // 1000)
         if self.mode is Enforcement.CGROUP_V2:
-            parent = self._root / GROUP
+            parent = self._root / GROUP / self.scope
             if not parent.exists():
-                parent.mkdir()
                 # Controllers must be enabled down the tree before a child group can use them.
-                (self._root / "cgroup.subtree_control").write_text("+memory +pids +cpu")
-                (parent / "cgroup.subtree_control").write_text("+memory +pids +cpu")
+                (self._root / "cgroup.subtree_control").write_text(_CONTROLLERS)
+                for level in (parent.parent, parent):
+                    level.mkdir(exist_ok=True)
+                    (level / "cgroup.subtree_control").write_text(_CONTROLLERS)
             group = parent / sandbox_id
             group.mkdir(exist_ok=True)
             (group / "memory.max").write_text(str(limits.memory_bytes))
@@ -134,13 +190,19 @@ class LimitGroups:
             return 0
         return self._counter(dirs[0 if self.mode is Enforcement.CGROUP_V2 else 1] / "pids.events", "max")
 
-    def kill_all(self, sandbox_id: str) -> None:
-        """Kills every process still in the sandbox's groups."""
+    def pids(self, sandbox_id: str) -> list[int]:
+        """The processes in the sandbox's groups (none if it has no groups)."""
+        found: set[int] = set()
         for group in self._dirs(sandbox_id):
             with contextlib.suppress(OSError):
-                for pid in (group / "cgroup.procs").read_text().split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
+                found.update(int(pid) for pid in (group / "cgroup.procs").read_text().split())
+        return sorted(found)
+
+    def kill_all(self, sandbox_id: str) -> None:
+        """Kills every process still in the sandbox's groups."""
+        for pid in self.pids(sandbox_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def exists(self, sandbox_id: str) -> bool:
         """True while any of the sandbox's groups exists."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from pathlib import Path
 
 from hands.backend import CONTROL_MOUNT, WORKSPACE_MOUNT, Enforcement, LimitEvents, Limits, SandboxPaths
 from hands.backends.subprocess_shell import SubprocessShell
-from hands.limits import LimitGroups
+from hands.limits import LimitGroups, scope_of
 from managed_agents.mesh.errors import SandboxUnavailable
 
 # Read-only views of the host that programs need to run; nothing else of the host is visible.
@@ -50,15 +51,18 @@ class BwrapBackend:
         self._bwrap = bwrap
 
     @classmethod
-    def create_default(cls) -> BwrapBackend:
-        """A backend with the strongest limits the host allows; refuses with a sentence if bwrap is missing."""
+    def create_default(cls, work_root: Path) -> BwrapBackend:
+        """A backend with the strongest limits the host allows, for the sandboxes in `work_root`; refuses with a
+        sentence if bwrap is missing. Removes the empty limit groups an earlier server there left behind."""
         bwrap = shutil.which("bwrap")
         if bwrap is None:
             raise RuntimeError(
                 "bubblewrap (bwrap) is not installed: `sudo apt-get install bubblewrap` (make run/test do it), "
                 "or start hands with --backend docker"
             )
-        return cls(LimitGroups.detect(), bwrap)
+        groups = LimitGroups.detect(scope=scope_of(work_root))
+        groups.sweep()
+        return cls(groups, bwrap)
 
     @property
     def enforcement(self) -> Enforcement:
