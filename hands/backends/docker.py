@@ -192,6 +192,10 @@ class DockerBackend:
             return self._client.containers.get(sandbox_id)
         except docker.errors.NotFound:
             return None
+        except docker.errors.APIError as error:
+            if _no_such_container(error):
+                return None
+            raise
 
     async def create(self, sandbox_id: str, paths: SandboxPaths, limits: Limits) -> None:
         if await asyncio.to_thread(self._find, sandbox_id) is not None:
@@ -257,8 +261,17 @@ class DockerBackend:
     async def destroy(self, sandbox_id: str, paths: SandboxPaths) -> None:
         container = await asyncio.to_thread(self._find, sandbox_id)
         if container is not None:
-            with contextlib.suppress(docker.errors.NotFound):
+            try:
                 await asyncio.to_thread(container.remove, force=True)
+            except docker.errors.APIError as error:
+                if not _no_such_container(error):
+                    raise
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._client.close)
+
+
+def _no_such_container(error: docker.errors.APIError) -> bool:
+    """True if the engine says the container is gone. Docker answers 404; Podman, asked about a container it is
+    removing at that moment, answers 500 "... does not exist in database: no such container"."""
+    return isinstance(error, docker.errors.NotFound) or "no such container" in str(error.explanation or "").lower()
