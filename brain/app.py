@@ -94,19 +94,30 @@ async def start(
                 "(python -m managed_agents.standin) and set ANTHROPIC_API_KEY to any value"
             )
         model = AnthropicModel(api_key=config.api_key, base_url=config.base_url or None)
-    store = SessionStoreClient.connect(config.store, tracer_provider=tracer_provider, mesh_secret=config.mesh_secret)
+    store = SessionStoreClient.connect(
+        config.store, tracer_provider=tracer_provider, mesh_secret=config.mesh_secret, tls=config.mesh_tls
+    )
     hands: HandsRouter | HandsClient | NoHands
     addresses = [a.strip() for a in config.hands.split(",") if a.strip()]
     if len(addresses) > 1:
         hands = HandsRouter(
-            [HandsClient.connect(a, tracer_provider=tracer_provider, mesh_secret=config.mesh_secret) for a in addresses]
+            [
+                HandsClient.connect(
+                    a, tracer_provider=tracer_provider, mesh_secret=config.mesh_secret, tls=config.mesh_tls
+                )
+                for a in addresses
+            ]
         )
     elif addresses:
-        hands = HandsClient.connect(addresses[0], tracer_provider=tracer_provider, mesh_secret=config.mesh_secret)
+        hands = HandsClient.connect(
+            addresses[0], tracer_provider=tracer_provider, mesh_secret=config.mesh_secret, tls=config.mesh_tls
+        )
     else:
         hands = NoHands()
     proxy = (
-        McpProxyClient.connect(config.proxy, tracer_provider=tracer_provider, mesh_secret=config.mesh_secret)
+        McpProxyClient.connect(
+            config.proxy, tracer_provider=tracer_provider, mesh_secret=config.mesh_secret, tls=config.mesh_tls
+        )
         if config.proxy
         else None
     )
@@ -128,6 +139,7 @@ async def start(
         listen=config.listen,
         tracer_provider=tracer_provider,
         mesh_secret=config.mesh_secret,
+        tls=config.mesh_tls,
         metrics=metrics,
     )
     await server.start()

@@ -8,6 +8,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from brain.server import SERVICE_NAME
 from managed_agents.mesh.calls import translated_errors
 from managed_agents.mesh.channel import dial
+from managed_agents.mesh.tls import MeshTls
 from managed_agents.v1 import brain_pb2, brain_pb2_grpc
 
 
@@ -21,11 +22,20 @@ class BrainClient:
 
     @classmethod
     def connect(
-        cls, target: str, *, tracer_provider: TracerProvider | None = None, mesh_secret: str = ""
+        cls,
+        target: str,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        mesh_secret: str = "",
+        tls: MeshTls | None = None,
     ) -> BrainClient:
         """A client with its own channel; Wake is idempotent, so it is retried while the brain is down."""
         channel = dial(
-            target, tracer_provider=tracer_provider, retry_methods=[(SERVICE_NAME, "Wake")], mesh_secret=mesh_secret
+            target,
+            tracer_provider=tracer_provider,
+            retry_methods=[(SERVICE_NAME, "Wake")],
+            mesh_secret=mesh_secret,
+            tls=tls,
         )
         return cls(channel, owns_channel=True)
 

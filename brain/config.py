@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, parse_listen
+from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, mesh_tls_or_exit, parse_listen
 from managed_agents.mesh.failpoints import ENV as FAILPOINTS_ENV
+from managed_agents.mesh.tls import MeshTls
 
 
 def default_holder() -> str:
@@ -43,6 +44,7 @@ class BrainConfig:
     failpoints: str = ""
     # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
     mesh_secret: str = field(default="", repr=False)
+    mesh_tls: MeshTls | None = field(default=None, repr=False)
 
     @classmethod
     def parser(cls, environ: Mapping[str, str], prog: str = "python -m brain") -> argparse.ArgumentParser:
@@ -172,4 +174,5 @@ class BrainConfig:
             metrics_listen=args.metrics_listen,
             failpoints=environ.get(FAILPOINTS_ENV, ""),
             mesh_secret=mesh_secret_or_exit(parser, environ),
+            mesh_tls=mesh_tls_or_exit(parser, environ),
         )

@@ -56,7 +56,11 @@ async def start(
     backend = backend or make_backend(config)
     defaults = Limits(image=config.default_image if backend.name == "docker" else "")
     metrics = ServiceMetrics.build("hands", os.environ, listen=config.metrics_listen)
-    proxy = McpProxyClient.connect(config.proxy, mesh_secret=config.mesh_secret) if config.proxy else None
+    proxy = (
+        McpProxyClient.connect(config.proxy, mesh_secret=config.mesh_secret, tls=config.mesh_tls)
+        if config.proxy
+        else None
+    )
     manager = SandboxManager(backend, config.work_root, instance=config.instance_name, git=GitRelays(proxy))
     await manager.start()
     server = MeshServer(
@@ -70,6 +74,7 @@ async def start(
         listen=config.listen,
         tracer_provider=tracer_provider,
         mesh_secret=config.mesh_secret,
+        tls=config.mesh_tls,
         metrics=metrics,
     )
     try:

@@ -11,6 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from hands.server import SERVICE_NAME
 from managed_agents.mesh.calls import translated_errors
 from managed_agents.mesh.channel import dial
+from managed_agents.mesh.tls import MeshTls
 from managed_agents.v1 import hands_pb2, hands_pb2_grpc, sandbox_pb2
 
 # Execute is idempotent on its execution id, so it is retried with the reads.
@@ -27,10 +28,17 @@ class HandsClient:
 
     @classmethod
     def connect(
-        cls, target: str, *, tracer_provider: TracerProvider | None = None, mesh_secret: str = ""
+        cls,
+        target: str,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        mesh_secret: str = "",
+        tls: MeshTls | None = None,
     ) -> HandsClient:
         """A client with its own channel to `target`; close it with `aclose()`."""
-        channel = dial(target, tracer_provider=tracer_provider, retry_methods=_RETRIED, mesh_secret=mesh_secret)
+        channel = dial(
+            target, tracer_provider=tracer_provider, retry_methods=_RETRIED, mesh_secret=mesh_secret, tls=tls
+        )
         return cls(channel, owns_channel=True)
 
     async def aclose(self) -> None:

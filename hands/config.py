@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, parse_listen
+from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, mesh_tls_or_exit, parse_listen
+from managed_agents.mesh.tls import MeshTls
 
 _LABEL = re.compile(r"[A-Za-z0-9._-]{1,63}")
 
@@ -54,6 +55,7 @@ class HandsConfig:
     metrics_listen: str = ""
     # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
     mesh_secret: str = field(default="", repr=False)
+    mesh_tls: MeshTls | None = field(default=None, repr=False)
 
     @property
     def instance_name(self) -> str:
@@ -161,4 +163,5 @@ class HandsConfig:
             log_level=args.log_level,
             metrics_listen=args.metrics_listen,
             mesh_secret=mesh_secret_or_exit(parser, environ),
+            mesh_tls=mesh_tls_or_exit(parser, environ),
         )

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -24,10 +25,20 @@ from brain.client import BrainClient
 from managed_agents import cli_credentials, events
 from managed_agents.follow import TurnFollower
 from managed_agents.local_mesh import LocalMesh, MeshAddresses, local_mesh_secret, mesh_home
-from managed_agents.mesh.auth import MeshSecretError, mesh_secret
+from managed_agents.mesh.auth import MeshSecretError, mesh_secret, write_secret_file
 from managed_agents.mesh.channel import dial
 from managed_agents.mesh.errors import MeshError, Unavailable
 from managed_agents.mesh.telemetry import build_tracer_provider
+from managed_agents.mesh.tls import (
+    CA_FILE,
+    CERT_FILE,
+    KEY_FILE,
+    MESH_NAME,
+    MeshTls,
+    MeshTlsError,
+    mesh_tls,
+    write_dev_certs,
+)
 from managed_agents.render import Renderer
 from managed_agents.v1 import brain_pb2, events_pb2, sandbox_pb2, session_pb2
 from session_store.client import SessionStoreClient
@@ -56,6 +67,11 @@ def _secret() -> str:
     return configured or local_mesh_secret(mesh_home(os.environ))
 
 
+def _tls() -> MeshTls | None:
+    """The mesh's TLS material, when `MANAGED_AGENTS_TLS_DIR` names it (`managed_agents.mesh.tls`)."""
+    return mesh_tls(os.environ)
+
+
 def _json_line(message: Message) -> str:
     fields = json_format.MessageToDict(message, preserving_proto_field_name=True)
     return json.dumps(fields, ensure_ascii=False)
@@ -69,7 +85,7 @@ def _status_name(value: int) -> str:
 
 
 async def _sessions_list(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret()) as store:
+    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret(), tls=_tls()) as store:
         page = await store.list_sessions(status=_STATUSES.get(args.status, 0), page_size=args.limit)  # type: ignore[arg-type]
     if args.json:
         for session in page.sessions:
@@ -88,7 +104,7 @@ async def _sessions_list(args: argparse.Namespace) -> int:
 
 
 async def _sessions_show(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret()) as store:
+    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret(), tls=_tls()) as store:
         session, log = await store.read_session(args.session_id)
     if args.json:
         print(_json_line(session))
@@ -112,14 +128,14 @@ async def _sessions_show(args: argparse.Namespace) -> int:
 
 async def _sessions_tail(args: argparse.Namespace) -> int:
     renderer = Renderer.for_terminal(sys.stdout.isatty())
-    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret()) as store:
+    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret(), tls=_tls()) as store:
         async for event in store.watch(args.session_id, after_seq=args.after):
             print(_json_line(event) if args.json else renderer.line(event), flush=True)
     return EXIT_OK
 
 
 async def _sessions_create(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret()) as store:
+    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret(), tls=_tls()) as store:
         session = await store.create_session(
             session_id=args.id or "", title=args.title or "", agent=_agent(args.mcp_server, args.repo)
         )
@@ -128,12 +144,12 @@ async def _sessions_create(args: argparse.Namespace) -> int:
 
 
 async def _sessions_send(args: argparse.Namespace) -> int:
-    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret()) as store:
+    async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret(), tls=_tls()) as store:
         response = await store.emit(args.session_id, events.user_message(args.text, producer="cli"))
         if args.no_wake:
             print(_json_line(response.event) if args.json else f"appended as seq {response.event.seq}")
             return EXIT_OK
-        async with BrainClient.connect(_address(args, "brain"), mesh_secret=_secret()) as brain:
+        async with BrainClient.connect(_address(args, "brain"), mesh_secret=_secret(), tls=_tls()) as brain:
             woken = await brain.wake(args.session_id)
         if args.json:
             print(_json_line(response.event))
@@ -215,8 +231,10 @@ async def _drive_turn(
     repositories: Sequence[sandbox_pb2.Repository] = (),
 ) -> int:
     async with (
-        SessionStoreClient.connect(store_address, tracer_provider=tracer_provider, mesh_secret=_secret()) as store,
-        BrainClient.connect(brain_address, tracer_provider=tracer_provider, mesh_secret=_secret()) as brain,
+        SessionStoreClient.connect(
+            store_address, tracer_provider=tracer_provider, mesh_secret=_secret(), tls=_tls()
+        ) as store,
+        BrainClient.connect(brain_address, tracer_provider=tracer_provider, mesh_secret=_secret(), tls=_tls()) as brain,
     ):
         session = await store.create_session(title=title or prompt[:80], agent=_agent(mcp_servers, repositories))
         say(f"session {session.id}")
@@ -257,7 +275,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _health(args: argparse.Namespace) -> int:
     """Exit 0 if the server answers SERVING, 1 if it answers anything else, 3 if it cannot be reached."""
-    async with dial(args.address) as channel:
+    async with dial(args.address, tls=_tls()) as channel:
         try:
             answer = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service or ""), timeout=args.timeout
@@ -274,7 +292,7 @@ async def _health(args: argparse.Namespace) -> int:
 
 
 async def _interrupt(args: argparse.Namespace) -> int:
-    async with BrainClient.connect(_address(args, "brain"), mesh_secret=_secret()) as brain:
+    async with BrainClient.connect(_address(args, "brain"), mesh_secret=_secret(), tls=_tls()) as brain:
         response = await brain.interrupt(args.session_id, reason=args.reason or "")
     print(f"interrupt recorded as seq {response.seq}" + ("" if response.was_running else " (the session was idle)"))
     return EXIT_OK
@@ -369,7 +387,8 @@ def _parser() -> argparse.ArgumentParser:
         "way to MCP servers). Run the mesh, run sessions, inspect them.",
         epilog="Addresses come from flags, then MANAGED_AGENTS_STORE / _BRAIN / _HANDS / _PROXY, then the mesh "
         "that `managed-agents up` started here (.managed-agents/mesh.json). The mesh secret comes from "
-        "MANAGED_AGENTS_MESH_SECRET_FILE (or _SECRET), else from that mesh. Exit codes: 0 ok, 1 refused or "
+        "MANAGED_AGENTS_MESH_SECRET_FILE (or _SECRET), else from that mesh; mutual TLS is on when "
+        "MANAGED_AGENTS_TLS_DIR names the mesh's certificates. Exit codes: 0 ok, 1 refused or "
         "the turn failed, 2 bad usage, 3 unreachable, 130 interrupted.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -387,6 +406,26 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start the mesh, run one agent session end to end, stop the mesh")
     demo.add_argument("--backend", default="bwrap", choices=["bwrap", "docker", "local"], help="sandbox backend")
     demo.add_argument("--prompt", help="the task (default: write and test a small program)")
+
+    secret = commands.add_parser(
+        "secret", help="make a mesh secret file (give its path to every service as MANAGED_AGENTS_MESH_SECRET_FILE)"
+    )
+    secret.add_argument("--out", type=Path, required=True, help="the file to write (readable by its owner only)")
+    secret.add_argument("--force", action="store_true", help="replace an existing file")
+    certs = commands.add_parser(
+        "certs",
+        help="make a CA and a peer certificate for a dev mesh's mutual TLS (point MANAGED_AGENTS_TLS_DIR at DIR)",
+    )
+    certs.add_argument("directory", type=Path, metavar="DIR", help="where to write ca.crt, mesh.crt and mesh.key")
+    certs.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="another DNS name or IP address the certificate should carry, for clients that check the address "
+        "they dial (repeatable; localhost and 127.0.0.1 are always in)",
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
 
     run = commands.add_parser("run", help="start a session with PROMPT and stream it until the turn ends")
     run.add_argument("prompt")
@@ -470,6 +509,33 @@ _SESSION_ACTIONS = {
 }
 
 
+def _make_secret(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.force:
+        print(f"error: {args.out} exists; pass --force to replace it", file=sys.stderr)
+        return EXIT_USAGE
+    write_secret_file(args.out)
+    print(f"wrote {args.out}; give every mesh process MANAGED_AGENTS_MESH_SECRET_FILE={args.out.resolve()}")
+    return EXIT_OK
+
+
+def _make_certs(args: argparse.Namespace) -> int:
+    if args.days < 1:
+        print("error: --days must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    existing = [args.directory / n for n in (CA_FILE, CERT_FILE, KEY_FILE) if (args.directory / n).exists()]
+    if existing and not args.force:
+        print(f"error: {existing[0]} exists; pass --force to replace the mesh's certificates", file=sys.stderr)
+        return EXIT_USAGE
+    for path in write_dev_certs(args.directory, extra_names=args.name, days=args.days):
+        print(f"wrote {path}")
+    where = args.directory.resolve()
+    print(
+        f"give every mesh process and client MANAGED_AGENTS_TLS_DIR={where}; grpcurl then needs "
+        f"-cacert {where}/{CA_FILE} -cert {where}/{CERT_FILE} -key {where}/{KEY_FILE} -servername {MESH_NAME}"
+    )
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `managed-agents` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -481,8 +547,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = _up(args)
         elif args.command == "demo":
             code = _demo(args)
+        elif args.command == "secret":
+            code = _make_secret(args)
+        elif args.command == "certs":
+            code = _make_certs(args)
         elif args.command == "credentials":
-            code = asyncio.run(cli_credentials.run(args, _address(args, "proxy"), _secret()))
+            code = asyncio.run(cli_credentials.run(args, _address(args, "proxy"), _secret(), _tls()))
         elif args.command == "sessions":
             code = asyncio.run(_SESSION_ACTIONS[args.action](args))
         else:
@@ -498,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except MeshError as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_REFUSED
-    except MeshSecretError as error:
+    except (MeshSecretError, MeshTlsError) as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_USAGE
     except (RuntimeError, TimeoutError) as error:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from managed_agents.mesh.tls import MeshTls
 from managed_agents.v1 import mcp_proxy_pb2
 from mcp_proxy.client import McpProxyClient
 
@@ -76,9 +77,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     delete.add_argument("name")
 
 
-async def run(args: argparse.Namespace, address: str, mesh_secret: str) -> int:
+async def run(args: argparse.Namespace, address: str, mesh_secret: str, tls: MeshTls | None = None) -> int:
     """Runs one `credentials` action; returns the exit code (errors are raised as `MeshError`)."""
-    async with McpProxyClient.connect(address, mesh_secret=mesh_secret) as proxy:
+    async with McpProxyClient.connect(address, mesh_secret=mesh_secret, tls=tls) as proxy:
         if args.action == "put":
             try:
                 secret = mcp_proxy_pb2.CredentialSecret(

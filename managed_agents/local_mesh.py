@@ -80,7 +80,7 @@ class LocalMesh:
         return vault_key
 
     def _start(self, label: str, module: str, args: list[str], env: Mapping[str, str] | None = None) -> str:
-        env = {SECRET_FILE_ENV: str(self._secret_file.resolve()), **(env or {})}
+        env = {**self._environ, SECRET_FILE_ENV: str(self._secret_file.resolve()), **(env or {})}
         process = ServiceProcess(module, args, self.home / "logs", env=env)
         process.start(timeout=60)
         self._processes.append(process)

@@ -85,6 +85,7 @@ async def start(config: ProxyConfig, key: VaultKey, tracer_provider: TracerProvi
             listen=config.listen,
             tracer_provider=tracer_provider,
             mesh_secret=config.mesh_secret,
+            tls=config.mesh_tls,
             metrics=metrics,
         )
         await server.start()

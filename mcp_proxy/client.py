@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from managed_agents.mesh.calls import translated_errors
 from managed_agents.mesh.channel import dial
 from managed_agents.mesh.errors import Unavailable
+from managed_agents.mesh.tls import MeshTls
 from managed_agents.v1 import mcp_proxy_pb2, mcp_proxy_pb2_grpc, sandbox_pb2
 
 # Named from the descriptor rather than imported from `mcp_proxy.server`, which would pull the MCP SDK (a
@@ -45,10 +46,17 @@ class McpProxyClient:
 
     @classmethod
     def connect(
-        cls, target: str, *, tracer_provider: TracerProvider | None = None, mesh_secret: str = ""
+        cls,
+        target: str,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        mesh_secret: str = "",
+        tls: MeshTls | None = None,
     ) -> McpProxyClient:
         """A client with its own channel to `target`; close it with `aclose()`."""
-        channel = dial(target, tracer_provider=tracer_provider, retry_methods=_RETRIED, mesh_secret=mesh_secret)
+        channel = dial(
+            target, tracer_provider=tracer_provider, retry_methods=_RETRIED, mesh_secret=mesh_secret, tls=tls
+        )
         return cls(channel, owns_channel=True)
 
     async def aclose(self) -> None:

@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, parse_listen
+from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, mesh_tls_or_exit, parse_listen
+from managed_agents.mesh.tls import MeshTls
 from mcp_proxy.vault import VaultKey, VaultKeyError, read_key_file
 
 KEY_ENV = "MCP_PROXY_VAULT_KEY"
@@ -39,6 +40,7 @@ class ProxyConfig:
     git_allow_http: bool = False
     # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
     mesh_secret: str = field(default="", repr=False)
+    mesh_tls: MeshTls | None = field(default=None, repr=False)
 
     def vault_key(self) -> VaultKey:
         """The vault key: from `key_file` if set, else from `MCP_PROXY_VAULT_KEY`.
@@ -178,4 +180,5 @@ class ProxyConfig:
             refresh_timeout=args.refresh_timeout,
             git_allow_http=args.git_allow_http,
             mesh_secret=mesh_secret_or_exit(parser, environ),
+            mesh_tls=mesh_tls_or_exit(parser, environ),
         )

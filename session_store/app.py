@@ -53,6 +53,7 @@ def build(
         listen=config.listen,
         tracer_provider=tracer_provider,
         mesh_secret=config.mesh_secret,
+        tls=config.mesh_tls,
         metrics=metrics,
         on_stopping=[end_watches],
     )

@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from managed_agents.mesh.calls import translated_errors
 from managed_agents.mesh.channel import dial
+from managed_agents.mesh.tls import MeshTls
 from managed_agents.v1 import events_pb2, session_pb2, session_pb2_grpc
 from session_store.server import SERVICE_NAME
 
@@ -37,10 +38,17 @@ class SessionStoreClient:
 
     @classmethod
     def connect(
-        cls, target: str, *, tracer_provider: TracerProvider | None = None, mesh_secret: str = ""
+        cls,
+        target: str,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        mesh_secret: str = "",
+        tls: MeshTls | None = None,
     ) -> SessionStoreClient:
         """A client with its own channel to `target`; close it with `aclose()`."""
-        channel = dial(target, tracer_provider=tracer_provider, retry_methods=_RETRIED, mesh_secret=mesh_secret)
+        channel = dial(
+            target, tracer_provider=tracer_provider, retry_methods=_RETRIED, mesh_secret=mesh_secret, tls=tls
+        )
         return cls(channel, owns_channel=True)
 
     async def aclose(self) -> None:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
 
-from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, parse_listen
+from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, mesh_tls_or_exit, parse_listen
+from managed_agents.mesh.tls import MeshTls
 
 Synchronous = Literal["normal", "full"]
 
@@ -27,6 +28,7 @@ class StoreConfig:
     metrics_listen: str = ""
     # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
     mesh_secret: str = field(default="", repr=False)
+    mesh_tls: MeshTls | None = field(default=None, repr=False)
 
     @classmethod
     def parser(cls, environ: Mapping[str, str], prog: str = "python -m session_store") -> argparse.ArgumentParser:
@@ -123,4 +125,5 @@ class StoreConfig:
             log_level=args.log_level,
             metrics_listen=args.metrics_listen,
             mesh_secret=mesh_secret_or_exit(parser, environ),
+            mesh_tls=mesh_tls_or_exit(parser, environ),
         )

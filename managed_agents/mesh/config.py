@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from managed_agents.mesh.auth import MeshSecretError, mesh_secret
+from managed_agents.mesh.tls import MeshTls, MeshTlsError, mesh_tls
 
 
 def add_flag(
@@ -45,6 +46,15 @@ def mesh_secret_or_exit(parser: argparse.ArgumentParser, environ: Mapping[str, s
     try:
         return mesh_secret(environ)
     except MeshSecretError as error:
+        parser.error(str(error))
+
+
+def mesh_tls_or_exit(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> MeshTls | None:
+    """The mesh's TLS material (`managed_agents.mesh.tls`), or None; unusable files end the process with usage
+    exit 2."""
+    try:
+        return mesh_tls(environ)
+    except MeshTlsError as error:
         parser.error(str(error))
 
 

@@ -23,6 +23,7 @@ from managed_agents.mesh.auth import SECRET_FILE_ENV, RequireMeshSecret
 from managed_agents.mesh.metrics import ServiceMetrics
 from managed_agents.mesh.rpc_metrics import RpcMetrics
 from managed_agents.mesh.status import ErrorTranslatingServicer
+from managed_agents.mesh.tls import TLS_DIR_ENV, MeshTls
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,15 @@ class MeshServer:
         max_message_bytes: int = 32 * MIB,
         on_stopping: Sequence[Callable[[], Awaitable[None]]] = (),
         mesh_secret: str = "",
+        tls: MeshTls | None = None,
         metrics: ServiceMetrics | None = None,
     ) -> None:
         """`on_stopping` hooks run once health reports NOT_SERVING and before in-flight calls are drained;
         services use them to end their streams. Without a tracer provider the server is not instrumented. With
-        `mesh_secret`, calls without it are refused (`managed_agents.mesh.auth`). With `metrics` enabled, every call
-        is counted by method and status code (`managed_agents.mesh.rpc_metrics`)."""
+        `mesh_secret`, calls without it are refused (`managed_agents.mesh.auth`). With `tls`, the port speaks
+        mutual TLS and only clients certified by the mesh's CA get through the handshake
+        (`managed_agents.mesh.tls`). With `metrics` enabled, every call is counted by method and status code
+        (`managed_agents.mesh.rpc_metrics`)."""
         self._services = tuple(services)
         self._listen = listen
         self._on_stopping = tuple(on_stopping)
@@ -68,7 +72,8 @@ class MeshServer:
             interceptors.append(RpcMetrics(metrics))  # outermost: refused calls count too
         if mesh_secret:
             interceptors.append(RequireMeshSecret(mesh_secret))
-        self._authenticated = bool(mesh_secret)
+        self._tls = tls
+        self._authenticated = bool(mesh_secret) or tls is not None
         if tracer_provider is not None:
             interceptors.append(
                 aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(filters.health_check()))
@@ -101,7 +106,10 @@ class MeshServer:
     async def start(self) -> str:
         """Binds, starts serving and reports SERVING; returns the bound address."""
         try:
-            self.port = self._server.add_insecure_port(self._listen)
+            if self._tls is None:
+                self.port = self._server.add_insecure_port(self._listen)
+            else:
+                self.port = self._server.add_secure_port(self._listen, self._tls.server_credentials())
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {self._listen}: the address is in use or not local ({exc})") from exc
         await self._server.start()
@@ -111,8 +119,10 @@ class MeshServer:
         log.info("listening on %s", self.address)
         if not self._authenticated:
             log.warning(
-                "no mesh secret is configured (%s): this server accepts calls from anyone who can reach %s",
+                "no mesh secret (%s) nor TLS (%s) is configured: this server accepts calls from anyone who can "
+                "reach %s",
                 SECRET_FILE_ENV,
+                TLS_DIR_ENV,
                 self.address,
             )
         return self.address

@@ -10,6 +10,7 @@ import pytest
 
 from brain.config import BrainConfig
 from hands.config import HandsConfig
+from managed_agents.mesh.tls import TLS_DIR_ENV
 from mcp_proxy.config import KEY_ENV, ProxyConfig
 from session_store.config import StoreConfig
 from tests.helpers import ROOT
@@ -21,7 +22,7 @@ PARSERS: dict[str, argparse.ArgumentParser] = {
     "MCP_PROXY": ProxyConfig.parser({}),
 }
 # Variables read outside the parsers (`environ.get`), named in the table on purpose.
-READ_DIRECTLY = {KEY_ENV, "MANAGED_AGENTS_MESH_SECRET_FILE", "MANAGED_AGENTS_MESH_SECRET"}
+READ_DIRECTLY = {KEY_ENV, "MANAGED_AGENTS_MESH_SECRET_FILE", "MANAGED_AGENTS_MESH_SECRET", TLS_DIR_ENV}
 
 
 def _table() -> str:
