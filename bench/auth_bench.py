@@ -1,8 +1,9 @@
-"""What the mesh secret costs per call: the same store process, open and closed.
+"""What service authentication costs per call: the same store process open, closed by the mesh secret, and on
+mutual TLS.
 
-Two session store processes (SQLite), one without a mesh secret and one with; the same client loop against
-each: sequential `EmitEvent` round trips (latency) and 16 concurrent writers (throughput). Rounds alternate
-between the two servers so that a noisy machine affects both alike.
+Three session store processes (SQLite): no authentication, the mesh secret, mutual TLS (`managed-agents certs`);
+the same client loop against each: sequential `EmitEvent` round trips (latency) and 16 concurrent writers
+(throughput). Rounds alternate between the servers so that a noisy machine affects all alike.
 
     python bench/auth_bench.py [--calls 2000] [--rounds 3]
 """
@@ -15,17 +16,19 @@ import os
 import tempfile
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 from bench.common import service, summary_ms, table
 from managed_agents import events
 from managed_agents.mesh.auth import SECRET_ENV
+from managed_agents.mesh.tls import TLS_DIR_ENV, MeshTls, write_dev_certs
 from session_store.client import SessionStoreClient
 
 SECRET = "bench-mesh-secret-0123456789-abcdefghijklmnop"
 
 
-async def _sequential(address: str, secret: str, calls: int) -> list[float]:
-    async with SessionStoreClient.connect(address, mesh_secret=secret) as store:
+async def _sequential(address: str, secret: str, tls: MeshTls | None, calls: int) -> list[float]:
+    async with SessionStoreClient.connect(address, mesh_secret=secret, tls=tls) as store:
         session = await store.create_session()
         for _ in range(50):  # warm the channel and the server
             await store.emit(session.id, events.user_message("warm"))
@@ -37,8 +40,8 @@ async def _sequential(address: str, secret: str, calls: int) -> list[float]:
         return samples
 
 
-async def _throughput(address: str, secret: str, calls: int, writers: int = 16) -> float:
-    async with SessionStoreClient.connect(address, mesh_secret=secret) as store:
+async def _throughput(address: str, secret: str, tls: MeshTls | None, calls: int, writers: int = 16) -> float:
+    async with SessionStoreClient.connect(address, mesh_secret=secret, tls=tls) as store:
         sessions = [(await store.create_session()).id for _ in range(writers)]
 
         async def writer(session_id: str) -> None:
@@ -61,18 +64,28 @@ async def main() -> None:
         os.environ[SECRET_ENV] = SECRET  # inherited by the closed server's process only
         closed_address = stack.enter_context(service("session_store", "--data-dir", f"{data}/closed"))
         del os.environ[SECRET_ENV]
-        latency: dict[str, list[float]] = {"open": [], "closed": []}
-        rates: dict[str, list[float]] = {"open": [], "closed": []}
+        write_dev_certs(Path(data) / "certs")
+        tls = MeshTls.load(Path(data) / "certs")
+        os.environ[TLS_DIR_ENV] = f"{data}/certs"  # likewise, for the TLS server only
+        tls_address = stack.enter_context(service("session_store", "--data-dir", f"{data}/tls"))
+        del os.environ[TLS_DIR_ENV]
+        modes = (
+            ("open", open_address, "", None),
+            ("secret", closed_address, SECRET, None),
+            ("mTLS", tls_address, "", tls),
+        )
+        latency: dict[str, list[float]] = {name: [] for name, *_ in modes}
+        rates: dict[str, list[float]] = {name: [] for name, *_ in modes}
         for _ in range(args.rounds):
-            for name, address, secret in (("open", open_address, ""), ("closed", closed_address, SECRET)):
-                latency[name] += await _sequential(address, secret, args.calls)
-                rates[name].append(await _throughput(address, secret, args.calls))
+            for name, address, secret, credentials in modes:
+                latency[name] += await _sequential(address, secret, credentials, args.calls)
+                rates[name].append(await _throughput(address, secret, credentials, args.calls))
     rows = []
-    for name in ("open", "closed"):
+    for name in latency:
         rows.append((f"EmitEvent sequential, {name}", summary_ms(latency[name])))
         best = max(rates[name])
         rows.append((f"EmitEvent 16 writers, {name}", f"{best:8.0f} ev/s (best of {args.rounds})"))
-    table("mesh secret overhead (one store process each, SQLite)", rows)
+    table("service authentication overhead (one store process each, SQLite)", rows)
 
 
 if __name__ == "__main__":

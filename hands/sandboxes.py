@@ -58,6 +58,8 @@ class Sandbox:
     oom_seen: int = 0
     repositories: list[Repository] = field(default_factory=list)
     relay: SandboxRelay | None = None
+    # Set while `destroy` runs: the shell it kills is not a loss to report, and the directory is going away.
+    destroying: bool = False
 
     def metadata(self) -> dict[str, Any]:
         """What is written to `sandbox.json`."""
@@ -275,7 +277,8 @@ class SandboxManager:
     async def refresh(self, sandbox: Sandbox) -> Sandbox:
         """Marks the sandbox lost if its shell was killed while idle."""
         shell = sandbox.shell
-        if sandbox.state == READY and shell is not None and not sandbox.lock.locked() and shell.ended:
+        idle = sandbox.state == READY and not sandbox.destroying and not sandbox.lock.locked()
+        if idle and shell is not None and shell.ended:
             await self._shell_ended(sandbox, shell)
         return sandbox
 
@@ -295,7 +298,7 @@ class SandboxManager:
         return reason
 
     async def _mark_lost(self, sandbox: Sandbox, reason: str) -> None:
-        if sandbox.state != READY:
+        if sandbox.state != READY or sandbox.destroying:
             return
         sandbox.state, sandbox.lost_reason = LOST, reason
         log.warning("sandbox %s is lost: %s", sandbox.id, reason)
@@ -456,6 +459,7 @@ class SandboxManager:
         sandbox = self.get(sandbox_id)
         if sandbox.state == DESTROYED:
             return sandbox
+        sandbox.destroying = True
         for task in sandbox.inflight.values():
             task.cancel()
         if sandbox.shell is not None:
