@@ -151,7 +151,8 @@ class HandsConfig:
         args = parser.parse_args(argv)
         return cls(
             listen=args.listen,
-            work_root=args.work_root,
+            # bwrap runs each shell from inside its workspace, where a relative path would mean something else.
+            work_root=args.work_root.absolute(),
             backend=args.backend,
             instance=args.instance,
             docker_url=args.docker_url,

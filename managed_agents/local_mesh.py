@@ -25,8 +25,9 @@ VAULT_KEY_FILE = "vault.key"
 
 
 def mesh_home(environ: Mapping[str, str]) -> Path:
-    """Where the local mesh keeps data, logs and addresses: `$MANAGED_AGENTS_HOME`, or `.managed-agents`."""
-    return Path(environ.get("MANAGED_AGENTS_HOME", ".managed-agents"))
+    """Where the local mesh keeps data, logs and addresses: `$MANAGED_AGENTS_HOME`, or `.managed-agents`, made
+    absolute here because the services it starts run from another directory."""
+    return Path(environ.get("MANAGED_AGENTS_HOME", ".managed-agents")).absolute()
 
 
 @dataclass(frozen=True, slots=True)

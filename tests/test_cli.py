@@ -71,11 +71,16 @@ def test_help_explains_every_command() -> None:
 
 @pytest.mark.slow
 def test_demo_runs_a_whole_session_across_separate_processes(tmp_path: Path) -> None:
-    env_home = {"MANAGED_AGENTS_HOME": str(tmp_path / "home")}
+    # As `make run` runs it: no MANAGED_AGENTS_HOME, so the mesh lives in ./.managed-agents, a relative path the
+    # services (started from another directory) and bwrap (run from inside each workspace) must not misread.
     result = subprocess.run(
         [sys.executable, "-m", "managed_agents.cli", "demo"],
-        cwd=ROOT,
-        env={k: v for k, v in {**os.environ, **env_home, "NO_COLOR": "1"}.items() if k != "ANTHROPIC_API_KEY"},
+        cwd=tmp_path,
+        env={
+            k: v
+            for k, v in {**os.environ, "NO_COLOR": "1"}.items()
+            if k not in ("ANTHROPIC_API_KEY", "MANAGED_AGENTS_HOME")
+        },
         capture_output=True,
         text=True,
         timeout=180,
@@ -89,7 +94,11 @@ def test_demo_runs_a_whole_session_across_separate_processes(tmp_path: Path) -> 
         assert event_type in out
     assert "Ran 2 tests" in out and "OK" in out, "the tests ran inside the sandbox"
     assert "turn ended: end_turn" in out
-    assert not (tmp_path / "home" / "mesh.json").exists(), "the mesh was stopped and its address file removed"
+    assert "bwrap:" not in out, "the sandbox started"
+    assert (tmp_path / ".managed-agents" / "store").is_dir(), "the mesh kept its data where it was run"
+    assert not (tmp_path / ".managed-agents" / "mesh.json").exists(), (
+        "the mesh was stopped and its address file removed"
+    )
 
 
 def test_sessions_can_be_granted_mcp_servers_and_repositories(store_process: ServiceProcess) -> None:
