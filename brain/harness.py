@@ -220,14 +220,15 @@ class SessionRun:
         # Tool calls logged at or before this point were left by an earlier run (see `_run_mcp_tool`).
         self._resumed_at = self.last_seq
         self._tools: ToolSet | None = None
-        repositories = session.agent.resources.repositories
+        resources = session.agent.resources
         self._mcp = SessionMcp(
             harness.proxy,
             session.id,
             list(session.agent.mcp_servers),
-            [r.credential for r in repositories if r.credential],
+            [r.credential for r in resources.repositories if r.credential] + [s.credential for s in resources.secrets],
         )
-        self._has_repositories = bool(repositories)
+        # Hands relays the sandbox's repositories and secrets through the proxy with the session's token.
+        self._sandbox_needs_token = bool(resources.repositories or resources.secrets)
         self._lease_lost: str | None = None
         self._done = False
         self.task: asyncio.Task[None] | None = None
@@ -795,14 +796,14 @@ class SessionRun:
         return _tool_result(use_id, render_events(list(page.events)), is_error=False)
 
     async def _credential_token(self) -> str:
-        """The session token for the sandbox's git relay; '' when the session has no repositories."""
-        if not self._has_repositories:
+        """The session token for the sandbox's relays; '' when the session has no repositories or secrets."""
+        if not self._sandbox_needs_token:
             return ""
         try:
             return await self._mcp.token()
         except McpUnavailable as error:
-            # Hands then refuses to clone with its own sentence; the model hears it as the tool's error.
-            log.warning("session %s: no session token for its repositories: %s", self.session_id, error)
+            # Hands then refuses the sandbox with its own sentence; the model hears it as the tool's error.
+            log.warning("session %s: no session token for its sandbox's relays: %s", self.session_id, error)
             return ""
 
     async def _sandbox_for(self, use_id: str) -> str:

@@ -64,15 +64,20 @@ def split_tool_name(name: str, servers: Sequence[str]) -> tuple[str, str] | None
 
 
 class SessionMcp:
-    """One run's access to its session's MCP servers, and the token its sandbox's git relay presents."""
+    """One run's access to its session's MCP servers, and the token its sandbox's relays present."""
 
     def __init__(
-        self, proxy: McpProxy | None, session_id: str, servers: Sequence[str], git_credentials: Sequence[str] = ()
+        self,
+        proxy: McpProxy | None,
+        session_id: str,
+        servers: Sequence[str],
+        sandbox_credentials: Sequence[str] = (),
     ) -> None:
         self._proxy = proxy
         self._session_id = session_id
         self.servers = list(servers)
-        self._grants = sorted(set(servers) | set(git_credentials))
+        # The sandbox's git tokens and API keys: hands presents the token to relay them.
+        self._grants = sorted(set(servers) | set(sandbox_credentials))
         self._token = ""
         self._expires = 0.0
         self._lock = asyncio.Lock()
@@ -95,7 +100,7 @@ class SessionMcp:
             return self._token
 
     async def token(self) -> str:
-        """The session's current token (minted or renewed as needed), for hands' git relay."""
+        """The session's current token (minted or renewed as needed), for hands' relays."""
         return await self._session_token()
 
     async def tools(self) -> list[sandbox_pb2.ToolSpec]:

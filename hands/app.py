@@ -9,7 +9,6 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from hands.backend import Limits, SandboxBackend
 from hands.config import HandsConfig
-from hands.git_relay import GitRelays
 from hands.sandboxes import SandboxManager
 from hands.server import SERVICE_NAME, HandsServicer
 from managed_agents.mesh.metrics import ServiceMetrics
@@ -61,7 +60,7 @@ async def start(
         if config.proxy
         else None
     )
-    manager = SandboxManager(backend, config.work_root, instance=config.instance_name, git=GitRelays(proxy))
+    manager = SandboxManager(backend, config.work_root, instance=config.instance_name, proxy=proxy)
     await manager.start()
     server = MeshServer(
         [

@@ -70,6 +70,8 @@ class SandboxPaths:
 
 # Where the control directory appears inside every sandbox.
 CONTROL_MOUNT = "/run/managed-agents"
+# The CA certificate of the egress relay, in the control directory of a sandbox that has secrets.
+EGRESS_CA_FILE = "egress-ca.crt"
 WORKSPACE_MOUNT = "/workspace"
 
 

@@ -129,8 +129,9 @@ class HandsConfig:
             "--proxy",
             "HANDS_PROXY",
             d.proxy,
-            "mcp_proxy address (host:port) whose git relay clones, fetches and pushes the repositories sandboxes "
-            "ask for, adding the vault's tokens outside the sandbox; empty refuses repositories",
+            "mcp_proxy address (host:port) whose relays serve sandboxes' repositories (clone, fetch, push) and "
+            "secrets (outbound HTTP with API keys put in), adding the vault's credentials outside the sandbox; "
+            "empty refuses both",
         )
         flag("--port-file", "HANDS_PORT_FILE", None, "write the bound host:port here once serving", type=Path)
         flag("--grace", "HANDS_GRACE", d.grace_seconds, "seconds in-flight calls get on SIGTERM", type=float)

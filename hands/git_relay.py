@@ -1,7 +1,7 @@
 """Git for sandboxes without a token in them: each sandbox with repositories gets a relay.
 
 Inside the sandbox, `git` talks plain HTTP to `http://127.0.0.1:7480/<n>/<name>.git`, on the sandbox's own
-loopback (it has no other network). A forwarder (`hands.git_forwarder`), started by hands in the sandbox's
+loopback (it has no other network). A forwarder (`hands.forwarder`), started by hands in the sandbox's
 network namespace only, pipes that port to a Unix socket of this server, outside the sandbox. Here each
 request is mapped to the n-th repository granted at `Provision` and sent through the mcp_proxy's `RelayGit`
 with the session's token; the proxy adds the git credential from its vault. So the sandbox holds neither the
@@ -11,29 +11,22 @@ repositories: any other path is refused here, any other host by the proxy.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
 import re
-import shutil
-import sys
-import tempfile
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from hands.doors import GIT_PORT
 from managed_agents.mesh.errors import FailedPrecondition, InvalidArgument, MeshError
 from managed_agents.v1 import mcp_proxy_pb2, sandbox_pb2
 from mcp_proxy.client import McpProxyClient
 
 log = logging.getLogger(__name__)
 
-PORT = 7480  # on the sandbox's own loopback; every sandbox has its own
 MAX_REPOSITORIES = 16
 MAX_TOKEN_CHARS = 4096
 _NAME = re.compile(r"[a-z0-9_-]{1,64}")
@@ -53,7 +46,7 @@ class Repository:
 
     def remote(self, index: int) -> str:
         """The URL the sandbox's git uses: the relay's port on the sandbox's loopback."""
-        return f"http://127.0.0.1:{PORT}/{index}/{PurePosixPath(self.path).name}.git"
+        return f"http://127.0.0.1:{GIT_PORT}/{index}/{PurePosixPath(self.path).name}.git"
 
 
 def repositories_from(resources: sandbox_pb2.Resources) -> list[Repository]:
@@ -87,14 +80,6 @@ def repositories_from(resources: sandbox_pb2.Resources) -> list[Repository]:
     return repositories
 
 
-def relay_socket(sandbox_id: str) -> Path:
-    """Where a sandbox's relay listens: short (Unix socket paths are limited to 108 bytes) and outside every
-    sandbox's view."""
-    directory = Path(tempfile.gettempdir()) / "managed-agents-git"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    return directory / f"{sandbox_id}.sock"
-
-
 def check_token(token: str) -> str:
     """A session token as given in a request (opaque here; the proxy verifies it)."""
     if len(token) > MAX_TOKEN_CHARS or not token.isprintable():
@@ -103,15 +88,14 @@ def check_token(token: str) -> str:
 
 
 class SandboxRelay:
-    """The relay of one sandbox: a Unix socket server here, and a forwarder in the sandbox's network."""
+    """The git relay of one sandbox: a Unix socket server here, which the sandbox's door on `GIT_PORT` leads to."""
 
     def __init__(self, proxy: McpProxyClient, repositories: Sequence[Repository], socket_path: Path) -> None:
         self.repositories = list(repositories)
+        self.socket = socket_path
         self._proxy = proxy
-        self._socket = socket_path
         self._token = ""
         self._runner: web.AppRunner | None = None
-        self._forwarder: asyncio.subprocess.Process | None = None
 
     def update_token(self, token: str) -> None:
         """Uses `token` for the sandbox's requests from now on (a refreshed one, or after a restart)."""
@@ -124,60 +108,14 @@ class SandboxRelay:
         app.router.add_route("*", "/{index:[0-9]+}/{repo}/{suffix:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        self._socket.unlink(missing_ok=True)
-        await web.UnixSite(self._runner, str(self._socket)).start()
-
-    async def attach(self, namespace_pid: int | None) -> None:
-        """(Re)starts the forwarder in the network namespace of the sandbox's current shell."""
-        await self._stop_forwarder()
-        nsenter = shutil.which("nsenter")
-        if namespace_pid is None or nsenter is None:
-            raise FailedPrecondition(
-                "this sandbox's network cannot be entered from the hands server "
-                + ("(nsenter is missing)" if nsenter is None else "(its backend runs it elsewhere)")
-                + ", so its repositories cannot be relayed"
-            )
-        self._forwarder = await asyncio.create_subprocess_exec(
-            nsenter,
-            f"--net=/proc/{namespace_pid}/ns/net",
-            "--",
-            sys.executable,
-            "-m",
-            "hands.git_forwarder",
-            "--port",
-            str(PORT),
-            "--socket",
-            str(self._socket),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-        assert self._forwarder.stdout is not None
-        try:
-            ready = await asyncio.wait_for(self._forwarder.stdout.readline(), 15)
-        except TimeoutError:
-            ready = b""
-        if ready.strip() != b"ready":
-            err = b""
-            if self._forwarder.stderr is not None:
-                with contextlib.suppress(TimeoutError):
-                    err = await asyncio.wait_for(self._forwarder.stderr.read(2000), 1)
-            await self._stop_forwarder()
-            raise FailedPrecondition(f"the sandbox's git forwarder did not start: {err.decode(errors='replace')}")
-
-    async def _stop_forwarder(self) -> None:
-        if self._forwarder is not None and self._forwarder.returncode is None:
-            self._forwarder.kill()
-            await self._forwarder.wait()
-        self._forwarder = None
+        self.socket.unlink(missing_ok=True)
+        await web.UnixSite(self._runner, str(self.socket)).start()
 
     async def aclose(self) -> None:
-        """Stops the forwarder and the socket server."""
-        await self._stop_forwarder()
+        """Stops the socket server."""
         if self._runner is not None:
             await self._runner.cleanup()
-        self._socket.unlink(missing_ok=True)
+        self.socket.unlink(missing_ok=True)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         index = int(request.match_info["index"])
@@ -233,15 +171,6 @@ class GitRelays:
     def __init__(self, proxy: McpProxyClient | None) -> None:
         self._proxy = proxy
 
-    def metadata(self, repositories: Sequence[Repository]) -> list[dict[str, Any]]:
-        """What a sandbox's record keeps of its repositories (no secret), to rebuild its relay on adoption."""
-        return [asdict(r) for r in repositories]
-
-    @staticmethod
-    def from_metadata(items: Sequence[dict[str, Any]]) -> list[Repository]:
-        """The repositories of a sandbox record."""
-        return [Repository(**item) for item in items]
-
     async def open(self, repositories: Sequence[Repository], socket_path: Path) -> SandboxRelay:
         """A started relay for a sandbox's repositories; refuses if this server reaches no proxy."""
         if self._proxy is None:
@@ -251,8 +180,3 @@ class GitRelays:
         relay = SandboxRelay(self._proxy, repositories, socket_path)
         await relay.start()
         return relay
-
-    async def aclose(self) -> None:
-        """Closes the proxy client."""
-        if self._proxy is not None:
-            await self._proxy.aclose()

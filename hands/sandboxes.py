@@ -24,12 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from hands.backend import CONTROL_MOUNT, Limits, SandboxBackend, SandboxPaths
+from hands.doors import EGRESS_PORT, GIT_PORT, SandboxDoors, door_socket
+from hands.egress_relay import EgressRelays, SandboxEgress, SecretPlaceholder, sandbox_environment
 from hands.executions import ExecResult, ExecStatus, ExecutionLog
-from hands.git_relay import GitRelays, Repository, SandboxRelay, relay_socket
+from hands.git_relay import GitRelays, Repository, SandboxRelay
 from hands.shell import Shell
 from hands.tools import bash, text_editor
 from managed_agents.mesh.errors import FailedPrecondition, SandboxNotFound
 from managed_agents.mesh.ids import SANDBOX_PREFIX, new_id
+from mcp_proxy.client import McpProxyClient
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,9 @@ class Sandbox:
     oom_seen: int = 0
     repositories: list[Repository] = field(default_factory=list)
     relay: SandboxRelay | None = None
+    secrets: list[SecretPlaceholder] = field(default_factory=list)
+    egress: SandboxEgress | None = None
+    doors: SandboxDoors = field(default_factory=SandboxDoors)
     # Set while `destroy` runs: the shell it kills is not a loss to report, and the directory is going away.
     destroying: bool = False
 
@@ -72,17 +78,33 @@ class Sandbox:
             "state": self.state,
             "lost_reason": self.lost_reason,
             "repositories": [asdict(r) for r in self.repositories],
+            # Names and placeholders only: no value of a secret is ever on this side of the proxy.
+            "secrets": [asdict(s) for s in self.secrets],
         }
+
+    async def close_relays(self) -> None:
+        """Stops the forwarder and both relays (a new shell opens them again)."""
+        await self.doors.aclose()
+        if self.relay is not None:
+            await self.relay.aclose()
+            self.relay = None
+        if self.egress is not None:
+            await self.egress.aclose()
+            self.egress = None
 
 
 class SandboxManager:
     """All sandboxes of this server, on one backend, under one work root."""
 
     def __init__(
-        self, backend: SandboxBackend, work_root: Path, *, instance: str, git: GitRelays | None = None
+        self, backend: SandboxBackend, work_root: Path, *, instance: str, proxy: McpProxyClient | None = None
     ) -> None:
         self.backend = backend
-        self._git = git or GitRelays(None)
+        # Repositories and secrets are relayed through the proxy; without one, sandboxes asking for them are
+        # refused with a sentence.
+        self._proxy = proxy
+        self._git = GitRelays(proxy)
+        self._egress = EgressRelays(proxy, work_root / ".egress-ca")
         self.instance = instance
         self._root = work_root
         self._sandboxes: dict[str, Sandbox] = {}
@@ -109,6 +131,7 @@ class SandboxManager:
                     lost_reason=meta.get("lost_reason", ""),
                     last_used=time.time(),
                     repositories=[Repository(**r) for r in meta.get("repositories", [])],
+                    secrets=[SecretPlaceholder(**s) for s in meta.get("secrets", [])],
                 )
             except (OSError, ValueError, KeyError, TypeError) as error:
                 log.warning("ignoring %s: %s", meta_path, error)
@@ -134,10 +157,10 @@ class SandboxManager:
                 task.cancel()
             if sandbox.shell is not None:
                 await sandbox.shell.close()
-            if sandbox.relay is not None:
-                await sandbox.relay.aclose()
+            await sandbox.close_relays()
         await self.backend.aclose()
-        await self._git.aclose()
+        if self._proxy is not None:
+            await self._proxy.aclose()
 
     async def _reap_idle(self) -> None:
         while True:
@@ -171,6 +194,7 @@ class SandboxManager:
         session_id: str = "",
         request_id: str = "",
         repositories: Sequence[Repository] = (),
+        secrets: Sequence[SecretPlaceholder] = (),
         credential_token: str = "",
     ) -> Sandbox:
         """A new ready sandbox, its repositories cloned (or, for a request id seen before, the sandbox made
@@ -183,7 +207,7 @@ class SandboxManager:
             if pending is not None:
                 return await asyncio.shield(pending)
         task = asyncio.create_task(
-            self._provision(limits, session_id, request_id, list(repositories), credential_token)
+            self._provision(limits, session_id, request_id, list(repositories), list(secrets), credential_token)
         )
         if request_id:
             self._provisioning[request_id] = task
@@ -194,7 +218,13 @@ class SandboxManager:
                 self._provisioning.pop(request_id, None)
 
     async def _provision(
-        self, limits: Limits, session_id: str, request_id: str, repositories: list[Repository], token: str
+        self,
+        limits: Limits,
+        session_id: str,
+        request_id: str,
+        repositories: list[Repository],
+        secrets: list[SecretPlaceholder],
+        token: str,
     ) -> Sandbox:
         sandbox_id = new_id(SANDBOX_PREFIX)
         paths = SandboxPaths(self._root / sandbox_id)
@@ -209,6 +239,7 @@ class SandboxManager:
             request_id=request_id,
             last_used=now,
             repositories=repositories,
+            secrets=secrets,
         )
         sandbox.executions = ExecutionLog(paths.state / "executions")
         try:
@@ -219,8 +250,7 @@ class SandboxManager:
         except BaseException:
             if sandbox.shell is not None:
                 await sandbox.shell.close()
-            if sandbox.relay is not None:
-                await sandbox.relay.aclose()
+            await sandbox.close_relays()
             await self.backend.destroy(sandbox_id, paths)
             await asyncio.to_thread(shutil.rmtree, paths.root, True)
             raise
@@ -232,16 +262,31 @@ class SandboxManager:
         return sandbox
 
     async def _start_shell(self, sandbox: Sandbox, token: str = "") -> Shell:
+        # The relays first: the egress relay writes the CA the new shell must trust into its control directory.
+        if sandbox.repositories and sandbox.relay is None:
+            sandbox.relay = await self._git.open(sandbox.repositories, door_socket(sandbox.id, "git"))
+        if sandbox.secrets and sandbox.egress is None:
+            sandbox.egress = await self._egress.open(
+                sandbox.secrets, sandbox.paths.control, door_socket(sandbox.id, "egress")
+            )
+        self.update_credential_token(sandbox, token)
         process = await self.backend.start_shell(sandbox.id, sandbox.paths, sandbox.limits)
         control_inside = CONTROL_MOUNT if self.backend.name != "local" else str(sandbox.paths.control)
-        shell = Shell(process, control_host=str(sandbox.paths.control), control_inside=control_inside)
-        if sandbox.repositories:
-            # Every shell is a fresh set of namespaces: the relay's forwarder follows it into the new network.
-            if sandbox.relay is None:
-                sandbox.relay = await self._git.open(sandbox.repositories, relay_socket(sandbox.id))
-            sandbox.relay.update_token(token)
+        shell = Shell(
+            process,
+            control_host=str(sandbox.paths.control),
+            control_inside=control_inside,
+            environment=sandbox_environment(sandbox.secrets, control_inside),
+        )
+        doors = {}
+        if sandbox.relay is not None:
+            doors[GIT_PORT] = sandbox.relay.socket
+        if sandbox.egress is not None:
+            doors[EGRESS_PORT] = sandbox.egress.socket
+        if doors:
+            # Every shell is a fresh set of namespaces: the doors follow it into the new network.
             try:
-                await sandbox.relay.attach(await process.namespace_pid())
+                await sandbox.doors.attach(await process.namespace_pid(), doors)
             except BaseException:
                 await shell.close()
                 raise
@@ -261,9 +306,10 @@ class SandboxManager:
                 )
 
     def update_credential_token(self, sandbox: Sandbox, token: str) -> None:
-        """A fresher session token for the sandbox's git relay (sent along with a tool call)."""
-        if token and sandbox.relay is not None:
-            sandbox.relay.update_token(token)
+        """A fresher session token for the sandbox's relays (sent along with a tool call)."""
+        for relay in (sandbox.relay, sandbox.egress):
+            if token and relay is not None:
+                relay.update_token(token)
 
     # Lookup ----------------------------------------------------------------------------------------------
 
@@ -303,9 +349,7 @@ class SandboxManager:
         sandbox.state, sandbox.lost_reason = LOST, reason
         log.warning("sandbox %s is lost: %s", sandbox.id, reason)
         self._save(sandbox)
-        if sandbox.relay is not None:
-            await sandbox.relay.aclose()
-            sandbox.relay = None
+        await sandbox.close_relays()
         # Whatever is left of it (other processes, groups) goes now; its workspace stays until Destroy.
         await self.backend.destroy(sandbox.id, sandbox.paths)
 
@@ -465,9 +509,7 @@ class SandboxManager:
         if sandbox.shell is not None:
             await sandbox.shell.close()
             sandbox.shell = None
-        if sandbox.relay is not None:
-            await sandbox.relay.aclose()
-            sandbox.relay = None
+        await sandbox.close_relays()
         await self.backend.destroy(sandbox.id, sandbox.paths)
         await asyncio.to_thread(shutil.rmtree, sandbox.paths.root, True)
         sandbox.state = DESTROYED

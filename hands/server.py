@@ -11,6 +11,7 @@ from google.protobuf import json_format, struct_pb2
 
 from hands.backend import Limits
 from hands.config import label_problem
+from hands.egress_relay import secrets_from
 from hands.git_relay import check_token, repositories_from
 from hands.sandboxes import DESTROYED, LOST, Sandbox, SandboxManager
 from hands.tools import bash, text_editor
@@ -89,8 +90,12 @@ def limits_from(resources: sandbox_pb2.Resources, defaults: Limits, *, docker: b
         seconds = resources.idle_ttl.ToNanoseconds() / 1e9
         check("idle_ttl", seconds, 1, 7 * 86400)
         limits = replace(limits, idle_ttl_s=seconds)
-    if resources.network not in (sandbox_pb2.NETWORK_POLICY_UNSPECIFIED, sandbox_pb2.NETWORK_POLICY_NONE):
-        raise InvalidArgument.field("resources.network", "only NETWORK_POLICY_NONE is supported by this server")
+    if resources.network not in (
+        sandbox_pb2.NETWORK_POLICY_UNSPECIFIED,
+        sandbox_pb2.NETWORK_POLICY_NONE,
+        sandbox_pb2.NETWORK_POLICY_EGRESS_RELAY,
+    ):
+        raise InvalidArgument.field("resources.network", f"{int(resources.network)} is not a NetworkPolicy")
     if resources.image:
         if not docker:
             raise InvalidArgument.field("resources.image", "images need --backend docker; this server runs bwrap")
@@ -112,8 +117,9 @@ def sandbox_message(sandbox: Sandbox, manager: SandboxManager) -> sandbox_pb2.Sa
             memory_bytes=limits.memory_bytes,
             max_processes=limits.max_processes,
             cpu_millis=limits.cpu_millis,
-            network=sandbox_pb2.NETWORK_POLICY_NONE,
+            network=sandbox_pb2.NETWORK_POLICY_EGRESS_RELAY if sandbox.secrets else sandbox_pb2.NETWORK_POLICY_NONE,
             image=limits.image,
+            secrets=[sandbox_pb2.SandboxSecret(env=s.env, credential=s.credential) for s in sandbox.secrets],
         ),
     )
     message.enforcement = int(manager.backend.enforcement)  # type: ignore[assignment]  # same numbers as the enum
@@ -181,16 +187,20 @@ class HandsServicer(hands_pb2_grpc.HandsServiceServicer):
         check_labels(request.resources.labels, self._labels)
         limits = limits_from(request.resources, self._defaults, docker=self._manager.backend.name == "docker")
         repositories = repositories_from(request.resources)
+        secrets = secrets_from(request.resources)
         token = check_token(request.credential_token)
-        if repositories and not token:
+        if (repositories or secrets) and not token:
             raise InvalidArgument.field(
-                "credential_token", "is required when resources.repositories names any (mint one with MintSessionToken)"
+                "credential_token",
+                "is required when resources.repositories or resources.secrets names any (mint one with "
+                "MintSessionToken)",
             )
         sandbox = await self._manager.provision(
             limits,
             session_id=request.session_id,
             request_id=request.request_id,
             repositories=repositories,
+            secrets=secrets,
             credential_token=token,
         )
         return hands_pb2.ProvisionResponse(sandbox=sandbox_message(sandbox, self._manager))

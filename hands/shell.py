@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from hands.backend import ShellProcess
@@ -64,8 +66,16 @@ class _Capture:
 class Shell:
     """One bash process and the protocol to run commands in it, one at a time."""
 
-    def __init__(self, process: ShellProcess, *, control_host: str, control_inside: str) -> None:
+    def __init__(
+        self,
+        process: ShellProcess,
+        *,
+        control_host: str,
+        control_inside: str,
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
         self._process = process
+        self._environment = dict(environment or {})
         self._control_host = control_host
         self._control_inside = control_inside
         self._buffer = bytearray()
@@ -85,9 +95,12 @@ class Shell:
     async def run(self, command: str, *, timeout: float) -> ShellResult:
         """Runs `command`; on timeout, stops what it started and returns what it printed."""
         if self._counter == 0:
-            # An interrupt (sent on timeout) ends the command being sourced, not the shell.
+            # An interrupt (sent on timeout) ends the command being sourced, not the shell. Variables of the
+            # sandbox's own (its secrets' placeholders) are set in the shell, so every backend gets them alike.
+            setup = "trap 'return 130 2>/dev/null' INT\n"
+            setup += "".join(f"export {k}={shlex.quote(v)}\n" for k, v in self._environment.items())
             with contextlib.suppress(OSError):
-                await self._process.write(b"trap 'return 130 2>/dev/null' INT\n")
+                await self._process.write(setup.encode())
         self._counter += 1
         nonce = os.urandom(8).hex()
         name = f"cmd-{self._counter}-{nonce}.sh"

@@ -136,9 +136,7 @@ async def _sessions_tail(args: argparse.Namespace) -> int:
 
 async def _sessions_create(args: argparse.Namespace) -> int:
     async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret(), tls=_tls()) as store:
-        session = await store.create_session(
-            session_id=args.id or "", title=args.title or "", agent=_agent(args.mcp_server, args.repo)
-        )
+        session = await store.create_session(session_id=args.id or "", title=args.title or "", agent=_agent(args))
     print(_json_line(session) if args.json else session.id)
     return EXIT_OK
 
@@ -175,12 +173,47 @@ def _repository(text: str) -> sandbox_pb2.Repository:
     return sandbox_pb2.Repository(url=url, credential=credential, branch=branch)
 
 
-def _agent(
-    mcp_servers: Sequence[str], repositories: Sequence[sandbox_pb2.Repository] = ()
-) -> session_pb2.AgentConfig | None:
-    if not mcp_servers and not repositories:
+def _secret_env(text: str) -> sandbox_pb2.SandboxSecret:
+    """`ENV=CREDENTIAL`: an API key the session's sandbox sees only as a placeholder in `$ENV`."""
+    env, sep, credential = text.partition("=")
+    if not sep or not env or not credential:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ENV=CREDENTIAL (e.g. WEATHER_API_KEY=weather)")
+    return sandbox_pb2.SandboxSecret(env=env, credential=credential)
+
+
+def _agent(args: argparse.Namespace) -> session_pb2.AgentConfig | None:
+    """What the session may use, from `--mcp-server`, `--repo` and `--secret` (None: nothing beyond the
+    default sandbox)."""
+    if not (args.mcp_server or args.repo or args.secret):
         return None
-    return session_pb2.AgentConfig(mcp_servers=mcp_servers, resources=sandbox_pb2.Resources(repositories=repositories))
+    return session_pb2.AgentConfig(
+        mcp_servers=args.mcp_server, resources=sandbox_pb2.Resources(repositories=args.repo, secrets=args.secret)
+    )
+
+
+def _add_grant_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that grant a new session credentials of the vault."""
+    parser.add_argument(
+        "--mcp-server", action="append", default=[], metavar="NAME", help="grant the session this MCP server"
+    )
+    parser.add_argument(
+        "--repo",
+        action="append",
+        default=[],
+        type=_repository,
+        metavar="CREDENTIAL=URL[#BRANCH]",
+        help="clone this repository into the session's sandbox, pushing and pulling with the vault's git "
+        "credential (the token never enters the sandbox)",
+    )
+    parser.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        type=_secret_env,
+        metavar="ENV=CREDENTIAL",
+        help="let the sandbox use this API-key credential: $ENV holds a placeholder, which the egress relay "
+        "replaces by the key on HTTPS requests to the credential's allowed hosts (every other host is refused)",
+    )
 
 
 async def _run_prompt(
@@ -191,8 +224,7 @@ async def _run_prompt(
     title: str,
     json_lines: bool,
     say: Callable[[str], None],
-    mcp_servers: Sequence[str] = (),
-    repositories: Sequence[sandbox_pb2.Repository] = (),
+    agent: session_pb2.AgentConfig | None = None,
 ) -> int:
     renderer = Renderer.for_terminal(sys.stdout.isatty())
     # With OTEL_EXPORTER_OTLP_ENDPOINT set, the turn's trace starts here, at the Wake this command sends.
@@ -209,8 +241,7 @@ async def _run_prompt(
                 say=say,
                 renderer=renderer,
                 tracer_provider=provider,
-                mcp_servers=mcp_servers,
-                repositories=repositories,
+                agent=agent,
             )
     finally:
         if provider is not None:
@@ -227,8 +258,7 @@ async def _drive_turn(
     say: Callable[[str], None],
     renderer: Renderer,
     tracer_provider: TracerProvider | None,
-    mcp_servers: Sequence[str] = (),
-    repositories: Sequence[sandbox_pb2.Repository] = (),
+    agent: session_pb2.AgentConfig | None = None,
 ) -> int:
     async with (
         SessionStoreClient.connect(
@@ -236,7 +266,7 @@ async def _drive_turn(
         ) as store,
         BrainClient.connect(brain_address, tracer_provider=tracer_provider, mesh_secret=_secret(), tls=_tls()) as brain,
     ):
-        session = await store.create_session(title=title or prompt[:80], agent=_agent(mcp_servers, repositories))
+        session = await store.create_session(title=title or prompt[:80], agent=agent)
         say(f"session {session.id}")
         await store.emit(session.id, events.user_message(prompt, producer="cli"))
         follower = TurnFollower(store, renderer, json_lines=json_lines)
@@ -268,8 +298,7 @@ async def _run(args: argparse.Namespace) -> int:
         title=args.title or "",
         json_lines=args.json,
         say=say,
-        mcp_servers=args.mcp_server,
-        repositories=args.repo,
+        agent=_agent(args),
     )
 
 
@@ -433,18 +462,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
     run.add_argument("--store", help="session store address")
     run.add_argument("--brain", help="brain address")
-    run.add_argument(
-        "--mcp-server", action="append", default=[], metavar="NAME", help="grant the session this MCP server"
-    )
-    run.add_argument(
-        "--repo",
-        action="append",
-        default=[],
-        type=_repository,
-        metavar="CREDENTIAL=URL[#BRANCH]",
-        help="clone this repository into the session's sandbox, pushing and pulling with the vault's git "
-        "credential (the token never enters the sandbox)",
-    )
+    _add_grant_flags(run)
     health = commands.add_parser(
         "health",
         help="check that a mesh server is serving (for container health checks): exit 0 serving, 1 not, 3 down",
@@ -477,18 +495,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--id", help="choose the id (1-64 of [A-Za-z0-9_-])")
     create.add_argument("--title", help="a title for humans")
     create.add_argument("--json", action="store_true", help="print the whole session as JSON")
-    create.add_argument(
-        "--mcp-server", action="append", default=[], metavar="NAME", help="grant the session this MCP server"
-    )
-    create.add_argument(
-        "--repo",
-        action="append",
-        default=[],
-        type=_repository,
-        metavar="CREDENTIAL=URL[#BRANCH]",
-        help="clone this repository into the session's sandbox, pushing and pulling with the vault's git "
-        "credential (the token never enters the sandbox)",
-    )
+    _add_grant_flags(create)
     send = actions.add_parser("send", help="append a user message and wake a brain to answer it")
     send.add_argument("session_id")
     send.add_argument("text")

@@ -14,7 +14,9 @@ from managed_agents.mesh.server import MeshServer, Service
 from managed_agents.v1 import mcp_proxy_pb2_grpc
 from mcp_proxy import validate
 from mcp_proxy.config import ProxyConfig
+from mcp_proxy.egress import EgressRelay
 from mcp_proxy.git_relay import GitRelay
+from mcp_proxy.http_upstream import UpstreamHttp
 from mcp_proxy.oauth import AccessTokens
 from mcp_proxy.proxy import McpProxy
 from mcp_proxy.server import PROXY_SERVICE_NAME, VAULT_SERVICE_NAME, McpProxyServicer, VaultServicer
@@ -65,8 +67,10 @@ async def start(config: ProxyConfig, key: VaultKey, tracer_provider: TracerProvi
         )
         proxy = McpProxy(vault, tokens, upstream, list_timeout=config.list_timeout)
         stack.push_async_callback(proxy.aclose)
-        git = GitRelay(vault, tokens, allow_http=config.git_allow_http)
-        stack.push_async_callback(git.aclose)
+        upstream_http = UpstreamHttp(ca_file=config.upstream_ca_file)
+        stack.push_async_callback(upstream_http.aclose)
+        git = GitRelay(vault, tokens, upstream_http, allow_http=config.git_allow_http)
+        egress = EgressRelay(vault, tokens, upstream_http, allow_http=config.egress_allow_http)
         metrics = ServiceMetrics.build("mcp-proxy", os.environ, listen=config.metrics_listen)
         stack.push_async_callback(metrics.aclose)
         server = MeshServer(
@@ -78,7 +82,7 @@ async def start(config: ProxyConfig, key: VaultKey, tracer_provider: TracerProvi
                 ),
                 Service(
                     PROXY_SERVICE_NAME,
-                    McpProxyServicer(proxy, git, metrics),
+                    McpProxyServicer(proxy, git, metrics, egress),
                     mcp_proxy_pb2_grpc.add_McpProxyServiceServicer_to_server,
                 ),
             ],

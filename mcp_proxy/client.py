@@ -7,7 +7,8 @@ errors: they come back as a response with `is_error` set.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
@@ -166,35 +167,51 @@ class McpProxyClient:
             )
         return response
 
-    # Git relay ---------------------------------------------------------------------------------------------
+    # Relays ------------------------------------------------------------------------------------------------
 
     async def relay_git(
         self, head: mcp_proxy_pb2.RelayGitRequestHead, body: AsyncIterator[bytes]
     ) -> tuple[mcp_proxy_pb2.RelayGitResponseHead, AsyncIterator[bytes]]:
         """Relays one git smart-HTTP request; returns the response head and its body as it streams."""
+        call = self._proxy.RelayGit(_relay_requests(mcp_proxy_pb2.RelayGitRequest, head, body))
+        answer: mcp_proxy_pb2.RelayGitResponseHead = await _response_head(call, "git relay")
+        return answer, _response_body(call)
 
-        async def requests() -> AsyncIterator[mcp_proxy_pb2.RelayGitRequest]:
-            yield mcp_proxy_pb2.RelayGitRequest(head=head)
-            async for chunk in body:
-                for start in range(0, len(chunk), _RELAY_CHUNK):
-                    yield mcp_proxy_pb2.RelayGitRequest(body=chunk[start : start + _RELAY_CHUNK])
+    async def relay_http(
+        self, head: mcp_proxy_pb2.RelayHttpRequestHead, body: AsyncIterator[bytes]
+    ) -> tuple[mcp_proxy_pb2.RelayHttpResponseHead, AsyncIterator[bytes]]:
+        """Relays one HTTP request a sandbox sent out; returns the response head and its body as it streams."""
+        call = self._proxy.RelayHttp(_relay_requests(mcp_proxy_pb2.RelayHttpRequest, head, body))
+        answer: mcp_proxy_pb2.RelayHttpResponseHead = await _response_head(call, "egress relay")
+        return answer, _response_body(call)
 
-        call = self._proxy.RelayGit(requests())
+
+async def _relay_requests(message: Callable[..., Any], head: Any, body: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+    """A relay request stream: the head, then the body in chunks no larger than the contract allows."""
+    yield message(head=head)
+    async for chunk in body:
+        for start in range(0, len(chunk), _RELAY_CHUNK):
+            yield message(body=chunk[start : start + _RELAY_CHUNK])
+
+
+async def _response_head(call: Any, what: str) -> Any:
+    """The first message of a relay's answer, which must be its head; refusals raise `MeshError`."""
+    with translated_errors():
+        first = await call.read()
+    if first is grpc.aio.EOF or first.WhichOneof("part") != "head":
+        call.cancel()
+        raise Unavailable(f"the {what} ended its answer before sending a response head")
+    return first.head
+
+
+async def _response_body(call: Any) -> AsyncIterator[bytes]:
+    """The body chunks that follow a relay's response head."""
+    try:
         with translated_errors():
-            first: mcp_proxy_pb2.RelayGitResponse = await call.read()
-        if first is grpc.aio.EOF or first.WhichOneof("part") != "head":
-            call.cancel()
-            raise Unavailable("the git relay ended its answer before sending a response head")
-
-        async def chunks() -> AsyncIterator[bytes]:
-            try:
-                with translated_errors():
-                    while True:
-                        part = await call.read()
-                        if part is grpc.aio.EOF:
-                            return
-                        yield part.body
-            finally:
-                call.cancel()
-
-        return first.head, chunks()
+            while True:
+                part = await call.read()
+                if part is grpc.aio.EOF:
+                    return
+                yield part.body
+    finally:
+        call.cancel()

@@ -38,6 +38,8 @@ class ProxyConfig:
     list_timeout: float = 10.0
     refresh_timeout: float = 30.0
     git_allow_http: bool = False
+    egress_allow_http: bool = False
+    upstream_ca_file: Path | None = None
     # The deployment's shared secret (managed_agents.mesh.auth); never shown in a repr.
     mesh_secret: str = field(default="", repr=False)
     mesh_tls: MeshTls | None = field(default=None, repr=False)
@@ -158,6 +160,23 @@ class ProxyConfig:
             help="let the git relay send tokens over plain http:// (for git servers on a trusted local network "
             "and tests; never over the internet) [env: MCP_PROXY_GIT_ALLOW_HTTP=1]",
         )
+        parser.add_argument(
+            "--egress-allow-http",
+            action="store_true",
+            default=environ.get("MCP_PROXY_EGRESS_ALLOW_HTTP", "") in ("1", "true"),
+            help="let the egress relay put sandboxes' API keys into plain http:// requests (trusted local "
+            "networks and tests only) [env: MCP_PROXY_EGRESS_ALLOW_HTTP=1]",
+        )
+        add_flag(
+            parser,
+            "--upstream-ca-file",
+            env="MCP_PROXY_UPSTREAM_CA_FILE",
+            environ=environ,
+            default=None,
+            type=Path,
+            help="PEM file of CA certificates trusted, beside the system's, for the git and egress relays' "
+            "https:// upstreams (a private CA)",
+        )
         add_metrics_flag(parser, environ, env="MCP_PROXY_METRICS_LISTEN")
         return parser
 
@@ -179,6 +198,8 @@ class ProxyConfig:
             list_timeout=args.list_timeout,
             refresh_timeout=args.refresh_timeout,
             git_allow_http=args.git_allow_http,
+            egress_allow_http=args.egress_allow_http,
+            upstream_ca_file=args.upstream_ca_file,
             mesh_secret=mesh_secret_or_exit(parser, environ),
             mesh_tls=mesh_tls_or_exit(parser, environ),
         )

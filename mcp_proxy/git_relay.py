@@ -13,12 +13,12 @@ import base64
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
 
 from managed_agents.mesh.errors import InvalidArgument, NotGranted, Unavailable
+from mcp_proxy.http_upstream import RelayedResponse, UpstreamHttp, host_allowed
 from mcp_proxy.tokens import TokenAuthority
 from mcp_proxy.vault import CredentialKind, Vault
 
@@ -33,22 +33,6 @@ _SERVICES = {"git-upload-pack", "git-receive-pack"}
 # Headers git sends that are worth passing on; everything else (hop-by-hop, Authorization) is dropped.
 _REQUEST_HEADERS = {"content-type", "accept", "accept-encoding", "content-encoding", "git-protocol", "user-agent"}
 _RESPONSE_HEADERS = {"content-type", "content-encoding", "cache-control", "expires", "pragma"}
-
-
-@dataclass(frozen=True, slots=True)
-class RelayedResponse:
-    """The upstream's answer: status, headers and the body as it streams."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: AsyncIterator[bytes]
-
-
-def _host_allowed(url: str, allowed: Sequence[str]) -> bool:
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return any(entry.lower() in (host, f"{host}:{port}") for entry in allowed)
 
 
 def check_url(url: str, method: str, *, allow_http: bool) -> None:
@@ -71,18 +55,15 @@ def check_url(url: str, method: str, *, allow_http: bool) -> None:
 
 
 class GitRelay:
-    """Relays git requests for holders of session tokens; one HTTP connection pool for all of them."""
+    """Relays git requests for holders of session tokens."""
 
-    def __init__(self, vault: Vault, tokens: TokenAuthority, *, allow_http: bool = False) -> None:
+    def __init__(
+        self, vault: Vault, tokens: TokenAuthority, upstream: UpstreamHttp, *, allow_http: bool = False
+    ) -> None:
         self._vault = vault
         self._tokens = tokens
+        self._upstream = upstream
         self._allow_http = allow_http
-        self._http: aiohttp.ClientSession | None = None
-
-    async def aclose(self) -> None:
-        """Closes the connection pool."""
-        if self._http is not None:
-            await self._http.close()
 
     async def relay(
         self,
@@ -104,18 +85,14 @@ class GitRelay:
         record, secret = await self._vault.secret(credential)
         if record.spec.kind is not CredentialKind.GIT_TOKEN:
             raise NotGranted(f"credential {credential!r} is not a git token")
-        if not _host_allowed(url, record.spec.allowed_hosts):
+        if not host_allowed(url, record.spec.allowed_hosts):
             host = urlsplit(url).netloc
             raise NotGranted(f"credential {credential!r} may not be sent to {host} (not in its allowed hosts)")
         basic = base64.b64encode(f"x-access-token:{secret.token}".encode()).decode()
         outgoing = {k: v for k, v in headers if k.lower() in _REQUEST_HEADERS}
         outgoing["Authorization"] = f"Basic {basic}"
-        if self._http is None:
-            self._http = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=300), auto_decompress=False
-            )
         try:
-            response = await self._http.request(
+            response = await self._upstream.session().request(
                 method, url, headers=outgoing, data=body if method == "POST" else None, allow_redirects=False
             )
         except (aiohttp.ClientError, TimeoutError) as error:

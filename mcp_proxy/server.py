@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any, Literal, Protocol
 
 import grpc
 from google.protobuf import struct_pb2
 
 from managed_agents.mesh import paging
-from managed_agents.mesh.errors import FailedPrecondition, InvalidArgument
+from managed_agents.mesh.errors import FailedPrecondition, InvalidArgument, MeshError
 from managed_agents.mesh.metrics import ServiceMetrics
 from managed_agents.v1 import content_pb2, mcp_proxy_pb2, mcp_proxy_pb2_grpc, sandbox_pb2
 from mcp_proxy import validate
+from mcp_proxy.egress import EgressRelay, Placeholder
 from mcp_proxy.git_relay import GitRelay
+from mcp_proxy.http_upstream import host_of
 from mcp_proxy.proxy import McpProxy
 from mcp_proxy.upstream import Content
 from mcp_proxy.vault import CredentialRecord
@@ -23,6 +28,9 @@ PROXY_SERVICE_NAME = mcp_proxy_pb2.DESCRIPTOR.services_by_name["McpProxyService"
 
 # Answer a little before the caller's deadline: a slow upstream then is an error result, not a deadline.
 _DEADLINE_MARGIN = 0.25
+# What of a refused relay request is read before the refusal is sent (see `_refusal_read_to_the_end`).
+_DRAIN_BYTES = 16 << 20
+_DRAIN_SECONDS = 5.0
 
 
 def credential_message(record: CredentialRecord) -> mcp_proxy_pb2.Credential:
@@ -89,12 +97,25 @@ class VaultServicer(mcp_proxy_pb2_grpc.VaultServiceServicer):
 
 class McpProxyServicer(mcp_proxy_pb2_grpc.McpProxyServiceServicer):
     """Serves `managed_agents.v1.McpProxyService`: session tokens, MCP tools reached through them, and the git
-    relay."""
+    and egress relays."""
 
-    def __init__(self, proxy: McpProxy, git: GitRelay | None = None, metrics: ServiceMetrics | None = None) -> None:
+    def __init__(
+        self,
+        proxy: McpProxy,
+        git: GitRelay | None = None,
+        metrics: ServiceMetrics | None = None,
+        egress: EgressRelay | None = None,
+    ) -> None:
         self._proxy = proxy
         self._git = git
+        self._egress = egress
         metrics = metrics or ServiceMetrics.disabled()
+        self._egress_requests = metrics.counter(
+            "managed_agents.proxy.egress_requests", "sandboxes' HTTP requests relayed, by host and status"
+        )
+        self._egress_time = metrics.latency(
+            "managed_agents.proxy.egress_duration", "time of one relayed HTTP request, to the end of its body"
+        )
         self._calls = metrics.counter("managed_agents.proxy.tool_calls", "MCP tool calls, by server and error")
         self._call_time = metrics.latency("managed_agents.proxy.tool_call_duration", "time of one MCP tool call")
 
@@ -159,30 +180,93 @@ class McpProxyServicer(mcp_proxy_pb2_grpc.McpProxyServiceServicer):
     ) -> AsyncIterator[mcp_proxy_pb2.RelayGitResponse]:
         if self._git is None:
             raise FailedPrecondition("this proxy does not relay git")
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("part") != "head":
-            raise InvalidArgument.field("head", "the first message must be the request head")
-        head = first.head
-
-        async def body() -> AsyncIterator[bytes]:
-            async for part in request_iterator:
-                if part.WhichOneof("part") != "body":
-                    raise InvalidArgument.field("body", "only body chunks may follow the head")
-                yield part.body
-
-        relayed = await self._git.relay(
-            session_token=head.session_token,
-            credential=validate.credential_name(head.credential, "head.credential"),
-            url=head.url,
-            method=head.method,
-            headers=[(h.name, h.value) for h in head.headers],
-            body=body(),
-        )
-        yield mcp_proxy_pb2.RelayGitResponse(
-            head=mcp_proxy_pb2.RelayGitResponseHead(
-                status=relayed.status,
-                headers=[mcp_proxy_pb2.HttpHeader(name=k, value=v) for k, v in relayed.headers],
+        head, body = await _head_and_body(request_iterator)
+        async with _refusal_read_to_the_end(body):
+            relayed = await self._git.relay(
+                session_token=head.session_token,
+                credential=validate.credential_name(head.credential, "head.credential"),
+                url=head.url,
+                method=head.method,
+                headers=[(h.name, h.value) for h in head.headers],
+                body=body,
             )
+        yield mcp_proxy_pb2.RelayGitResponse(
+            head=mcp_proxy_pb2.RelayGitResponseHead(status=relayed.status, headers=_headers(relayed.headers))
         )
         async for chunk in relayed.body:
             yield mcp_proxy_pb2.RelayGitResponse(body=chunk)
+
+    async def RelayHttp(
+        self, request_iterator: AsyncIterator[mcp_proxy_pb2.RelayHttpRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[mcp_proxy_pb2.RelayHttpResponse]:
+        if self._egress is None:
+            raise FailedPrecondition("this proxy does not relay sandboxes' HTTP requests")
+        head, body = await _head_and_body(request_iterator)
+        started = time.perf_counter()
+        async with _refusal_read_to_the_end(body):
+            credentials = [
+                Placeholder(validate.credential_name(c.credential, f"head.credentials[{i}].credential"), c.placeholder)
+                for i, c in enumerate(head.credentials)
+            ]
+            relayed = await self._egress.relay(
+                session_token=head.session_token,
+                credentials=credentials,
+                url=head.url,
+                method=head.method,
+                headers=[(h.name, h.value) for h in head.headers],
+                body=body,
+            )
+        self._egress_requests.add(1, {"host": host_of(head.url), "status": relayed.status})
+        yield mcp_proxy_pb2.RelayHttpResponse(
+            head=mcp_proxy_pb2.RelayHttpResponseHead(status=relayed.status, headers=_headers(relayed.headers))
+        )
+        async for chunk in relayed.body:
+            yield mcp_proxy_pb2.RelayHttpResponse(body=chunk)
+        self._egress_time.record(time.perf_counter() - started, {"host": host_of(head.url)})
+
+
+class _RelayPart(Protocol):
+    """A message of a relay request stream: a head first, then body chunks."""
+
+    body: bytes
+
+    def WhichOneof(self, name: Literal["part"]) -> str | None: ...
+
+
+@contextlib.asynccontextmanager
+async def _refusal_read_to_the_end(body: AsyncIterator[Any]) -> AsyncIterator[None]:
+    """On a refusal, reads what is left of the request (up to a limit) before the error is sent: grpcio turns
+    a status that reaches a client still sending into its own `INTERNAL` error, and the refusal's sentence
+    would be lost."""
+    try:
+        yield
+    except MeshError:
+        received = 0
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                async for chunk in body:
+                    received += len(chunk)
+                    if received > _DRAIN_BYTES:
+                        break
+        raise
+
+
+async def _head_and_body(request_iterator: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[bytes]]:
+    """The head of a relay request stream (refusing a stream that does not start with one), and its body."""
+    first = await anext(aiter(request_iterator), None)
+    if first is None or first.WhichOneof("part") != "head":
+        async with _refusal_read_to_the_end(request_iterator):
+            raise InvalidArgument.field("head", "the first message must be the request head")
+
+    async def body() -> AsyncIterator[bytes]:
+        part: _RelayPart
+        async for part in request_iterator:
+            if part.WhichOneof("part") != "body":
+                raise InvalidArgument.field("body", "only body chunks may follow the head")
+            yield part.body
+
+    return first.head, body()
+
+
+def _headers(pairs: list[tuple[str, str]]) -> list[mcp_proxy_pb2.HttpHeader]:
+    return [mcp_proxy_pb2.HttpHeader(name=k, value=v) for k, v in pairs]

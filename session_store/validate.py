@@ -148,10 +148,19 @@ def session_spec(value: session_pb2.Session) -> session_pb2.Session:
         ("tools", len(agent.tools), 128),
         ("mcp_servers", len(agent.mcp_servers), 20),
         ("max_steps", agent.max_steps, 1000),
+        ("resources.repositories", len(agent.resources.repositories), 16),
+        ("resources.secrets", len(agent.resources.secrets), 16),
     )
     for name, size, limit in limits:
         if size < 0 or size > limit:
             raise InvalidArgument.field(f"session.agent.{name}", f"must be between 0 and {limit} (got {size})")
+    # The brain asks the proxy for one session token granting all of these, and a token grants at most 20.
+    grants = set(agent.mcp_servers) | {r.credential for r in agent.resources.repositories if r.credential}
+    grants |= {s.credential for s in agent.resources.secrets}
+    if len(grants) > 20:
+        raise InvalidArgument.field(
+            "session.agent", f"grants {len(grants)} credentials (MCP servers, repositories, secrets); at most 20"
+        )
     enums_known(value, "session")
     spec = session_pb2.Session(title=value.title, metadata=value.metadata)
     if value.HasField("agent"):

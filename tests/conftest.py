@@ -26,6 +26,7 @@ from session_store.config import StoreConfig
 from tests.helpers import ServiceProcess
 from tests.mcp_proxy.servers import Upstream
 from tests.pg import fresh_database, postgres_cluster
+from tests.podman import podman_service
 
 
 @pytest.fixture
@@ -170,3 +171,10 @@ async def mcp_upstream() -> AsyncIterator[Upstream]:
     upstream = await Upstream().start()
     yield upstream
     await upstream.stop()
+
+
+@pytest.fixture(scope="session")
+def container_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Docker Engine API socket of a private Podman service, shared by the session's docker tests."""
+    with podman_service(tmp_path_factory.mktemp("podman")) as url:
+        yield url

@@ -101,7 +101,7 @@ def test_demo_runs_a_whole_session_across_separate_processes(tmp_path: Path) -> 
     )
 
 
-def test_sessions_can_be_granted_mcp_servers_and_repositories(store_process: ServiceProcess) -> None:
+def test_sessions_can_be_granted_mcp_servers_repositories_and_secrets(store_process: ServiceProcess) -> None:
     store = store_process.start().address
     created = cli(
         "sessions",
@@ -111,6 +111,8 @@ def test_sessions_can_be_granted_mcp_servers_and_repositories(store_process: Ser
         "tickets",
         "--repo",
         "github=https://github.com/me/app.git#dev",
+        "--secret",
+        "WEATHER_API_KEY=weather",
         store=store,
     )
     assert created.returncode == 0, created.stderr
@@ -119,5 +121,8 @@ def test_sessions_can_be_granted_mcp_servers_and_repositories(store_process: Ser
     assert agent["resources"]["repositories"] == [
         {"url": "https://github.com/me/app.git", "credential": "github", "branch": "dev"}
     ]
+    assert agent["resources"]["secrets"] == [{"env": "WEATHER_API_KEY", "credential": "weather"}]
     bad = cli("sessions", "create", "--repo", "https://github.com/me/app.git", store=store)
     assert bad.returncode == 2 and "is not CREDENTIAL=URL" in bad.stderr
+    bad_secret = cli("sessions", "create", "--secret", "weather", store=store)
+    assert bad_secret.returncode == 2 and "is not ENV=CREDENTIAL" in bad_secret.stderr

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from hands.backend import CONTROL_MOUNT, WORKSPACE_MOUNT, Enforcement, LimitEvents, Limits, SandboxPaths
+from hands.backend import CONTROL_MOUNT, EGRESS_CA_FILE, WORKSPACE_MOUNT, Enforcement, LimitEvents, Limits, SandboxPaths
 from hands.backends.subprocess_shell import SubprocessShell
 from hands.limits import LimitGroups, scope_of
 from managed_agents.mesh.errors import SandboxUnavailable
@@ -24,6 +24,7 @@ _SYSTEM_BINDS = (
     "/etc/localtime",
     "/etc/mime.types",
 )
+_SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
 
 
@@ -89,6 +90,11 @@ class BwrapBackend:
             ("--ro-bind", str(paths.control), CONTROL_MOUNT),
             ("--chdir", WORKSPACE_MOUNT),
         ]
+        egress_ca = paths.control / EGRESS_CA_FILE
+        if egress_ca.exists() and os.path.exists(_SYSTEM_CA_BUNDLE):
+            # A sandbox with secrets reaches HTTPS only through its egress relay, so the relay's CA is the one
+            # it trusts, for programs that read the system bundle as well as for those told by SSL_CERT_FILE.
+            mounts.insert(-1, ("--ro-bind", str(egress_ca), _SYSTEM_CA_BUNDLE))
         for mount in mounts:
             argv += mount
         argv += ["--unshare-all", "--hostname", "sandbox", "--die-with-parent", "--new-session", "--clearenv"]

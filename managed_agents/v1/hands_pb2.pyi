@@ -70,8 +70,8 @@ class ProvisionRequest(_message.Message):
     """Optional. Idempotency key, 1 to 128 characters of `[A-Za-z0-9._:-]`: a retry returns the same sandbox."""
     credential_token: _builtins.str
     """Optional. Session token from `McpProxyService.MintSessionToken` granting the credentials named in
-    `resources.repositories`; required when any is named. Hands uses it to reach the git relay of the
-    mcp_proxy; it never enters the sandbox. At most 4096 characters.
+    `resources.repositories` and `resources.secrets`; required when any is named. Hands uses it to reach the
+    git and egress relays of the mcp_proxy; it never enters the sandbox. At most 4096 characters.
     """
     @_builtins.property
     def resources(self) -> _sandbox_pb2.Resources:
@@ -136,7 +136,7 @@ class ExecuteRequest(_message.Message):
     name: _builtins.str
     """Required. Tool name, as listed by `ListTools`."""
     credential_token: _builtins.str
-    """Optional. A fresher session token for the sandbox's git relay (see `ProvisionRequest.credential_token`),
+    """Optional. A fresher session token for the sandbox's relays (see `ProvisionRequest.credential_token`),
     e.g. after the previous one expired or the hands server restarted. At most 4096 characters.
     """
     @_builtins.property

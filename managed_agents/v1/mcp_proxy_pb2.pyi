@@ -679,3 +679,165 @@ class RelayGitResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
 Global___RelayGitResponse: _TypeAlias = RelayGitResponse  # noqa: Y015
+
+@_typing.final
+class PlaceholderCredential(_message.Message):
+    """A credential a sandbox holds as a placeholder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    PLACEHOLDER_FIELD_NUMBER: _builtins.int
+    credential: _builtins.str
+    """Required. API-key credential (`CREDENTIAL_KIND_API_KEY`), granted by the session token."""
+    placeholder: _builtins.str
+    """Required. The opaque text standing for its value inside the sandbox: 16 to 128 characters of
+    `[A-Za-z0-9_]`.
+    """
+    def __init__(
+        self,
+        *,
+        credential: _builtins.str = ...,
+        placeholder: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "placeholder", b"placeholder"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlaceholderCredential: _TypeAlias = PlaceholderCredential  # noqa: Y015
+
+@_typing.final
+class RelayHttpRequestHead(_message.Message):
+    """The head of a relayed HTTP request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    CREDENTIALS_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    session_token: _builtins.str
+    """Required. Session token from `MintSessionToken` granting every credential of `credentials`."""
+    url: _builtins.str
+    """Required. Absolute upstream URL. `https://`, or `http://` when the proxy allows it
+    (`--egress-allow-http`). At most 8192 characters.
+    """
+    method: _builtins.str
+    """Required. HTTP method: `GET`, `HEAD`, `POST`, `PUT`, `PATCH`, `DELETE` or `OPTIONS`."""
+    @_builtins.property
+    def credentials(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlaceholderCredential]:
+        """Required. The sandbox's credentials and their placeholders; 1 to 16. Their `allowed_hosts` are the
+        only hosts the request may go to.
+        """
+
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpHeader]:
+        """Optional. Request headers (at most 100, 64 KiB in all); hop-by-hop and proxy headers are dropped."""
+
+    def __init__(
+        self,
+        *,
+        session_token: _builtins.str = ...,
+        credentials: _abc.Iterable[Global___PlaceholderCredential] | None = ...,
+        url: _builtins.str = ...,
+        method: _builtins.str = ...,
+        headers: _abc.Iterable[Global___HttpHeader] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "headers", b"headers", "method", b"method", "session_token", b"session_token", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayHttpRequestHead: _TypeAlias = RelayHttpRequestHead  # noqa: Y015
+
+@_typing.final
+class RelayHttpRequest(_message.Message):
+    """Request message for `McpProxyService.RelayHttp`: the head first, then the body in chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    body: _builtins.bytes
+    """Following messages: the request body, in order, at most 1 MiB each."""
+    @_builtins.property
+    def head(self) -> Global___RelayHttpRequestHead:
+        """First message only: what to relay where."""
+
+    def __init__(
+        self,
+        *,
+        head: Global___RelayHttpRequestHead | None = ...,
+        body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "head", b"head", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "head", b"head", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["head", "body"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___RelayHttpRequest: _TypeAlias = RelayHttpRequest  # noqa: Y015
+
+@_typing.final
+class RelayHttpResponseHead(_message.Message):
+    """The head of a relayed HTTP response."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    status: _builtins.int
+    """HTTP status of the upstream's answer."""
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpHeader]:
+        """Response headers, hop-by-hop and length headers dropped, credential values replaced by placeholders."""
+
+    def __init__(
+        self,
+        *,
+        status: _builtins.int = ...,
+        headers: _abc.Iterable[Global___HttpHeader] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayHttpResponseHead: _TypeAlias = RelayHttpResponseHead  # noqa: Y015
+
+@_typing.final
+class RelayHttpResponse(_message.Message):
+    """Response message for `McpProxyService.RelayHttp`: the head first, then the body in chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    body: _builtins.bytes
+    """Following messages: the response body, in order, credential values replaced by placeholders."""
+    @_builtins.property
+    def head(self) -> Global___RelayHttpResponseHead:
+        """First message only."""
+
+    def __init__(
+        self,
+        *,
+        head: Global___RelayHttpResponseHead | None = ...,
+        body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "head", b"head", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "head", b"head", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["head", "body"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___RelayHttpResponse: _TypeAlias = RelayHttpResponse  # noqa: Y015

@@ -228,6 +228,11 @@ class McpProxyServiceStub:
                 request_serializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitRequest.SerializeToString,
                 response_deserializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitResponse.FromString,
                 _registered_method=True)
+        self.RelayHttp = channel.stream_stream(
+                '/managed_agents.v1.McpProxyService/RelayHttp',
+                request_serializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayHttpRequest.SerializeToString,
+                response_deserializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayHttpResponse.FromString,
+                _registered_method=True)
 
 
 class McpProxyServiceServicer:
@@ -272,6 +277,16 @@ class McpProxyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RelayHttp(self, request_iterator, context):
+        """Relays one HTTP request a sandbox sent out through its egress relay, to a host that one of the sandbox's
+        API-key credentials allows, with each such credential's placeholder replaced by its value in the headers
+        and URL; the value is replaced back by the placeholder in the response. Any other host is refused with
+        `PERMISSION_DENIED`. Called by hands; streams like `RelayGit`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_McpProxyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -299,6 +314,11 @@ def add_McpProxyServiceServicer_to_server(servicer, server):
                     servicer.RelayGit,
                     request_deserializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitRequest.FromString,
                     response_serializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitResponse.SerializeToString,
+            ),
+            'RelayHttp': grpc.stream_stream_rpc_method_handler(
+                    servicer.RelayHttp,
+                    request_deserializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayHttpRequest.FromString,
+                    response_serializer=managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayHttpResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -438,6 +458,33 @@ class McpProxyService:
             '/managed_agents.v1.McpProxyService/RelayGit',
             managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitRequest.SerializeToString,
             managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayGitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelayHttp(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/managed_agents.v1.McpProxyService/RelayHttp',
+            managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayHttpRequest.SerializeToString,
+            managed__agents_dot_v1_dot_mcp__proxy__pb2.RelayHttpResponse.FromString,
             options,
             channel_credentials,
             insecure,

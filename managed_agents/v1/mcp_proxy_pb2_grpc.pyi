@@ -109,6 +109,12 @@ class McpProxyServiceStub:
     reach, adding the credential on the way out. Called by hands for their sandboxes: the request streams
     in (head, then body chunks) and the upstream's response streams back (head, then body chunks).
     """
+    RelayHttp: _grpc.StreamStreamMultiCallable[_mcp_proxy_pb2.RelayHttpRequest, _mcp_proxy_pb2.RelayHttpResponse]
+    """Relays one HTTP request a sandbox sent out through its egress relay, to a host that one of the sandbox's
+    API-key credentials allows, with each such credential's placeholder replaced by its value in the headers
+    and URL; the value is replaced back by the placeholder in the response. Any other host is refused with
+    `PERMISSION_DENIED`. Called by hands; streams like `RelayGit`.
+    """
 
 @_typing.type_check_only
 class McpProxyServiceAsyncStub(McpProxyServiceStub):
@@ -129,6 +135,12 @@ class McpProxyServiceAsyncStub(McpProxyServiceStub):
     """Relays one git smart-HTTP request (clone, fetch, push) to a repository a granted git credential may
     reach, adding the credential on the way out. Called by hands for their sandboxes: the request streams
     in (head, then body chunks) and the upstream's response streams back (head, then body chunks).
+    """
+    RelayHttp: _aio.StreamStreamMultiCallable[_mcp_proxy_pb2.RelayHttpRequest, _mcp_proxy_pb2.RelayHttpResponse]  # type: ignore[assignment]
+    """Relays one HTTP request a sandbox sent out through its egress relay, to a host that one of the sandbox's
+    API-key credentials allows, with each such credential's placeholder replaced by its value in the headers
+    and URL; the value is replaced back by the placeholder in the response. Any other host is refused with
+    `PERMISSION_DENIED`. Called by hands; streams like `RelayGit`.
     """
 
 class McpProxyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -177,6 +189,18 @@ class McpProxyServiceServicer(metaclass=_abc_1.ABCMeta):
         """Relays one git smart-HTTP request (clone, fetch, push) to a repository a granted git credential may
         reach, adding the credential on the way out. Called by hands for their sandboxes: the request streams
         in (head, then body chunks) and the upstream's response streams back (head, then body chunks).
+        """
+
+    @_abc_1.abstractmethod
+    def RelayHttp(
+        self,
+        request_iterator: _MaybeAsyncIterator[_mcp_proxy_pb2.RelayHttpRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_mcp_proxy_pb2.RelayHttpResponse], _abc.AsyncIterator[_mcp_proxy_pb2.RelayHttpResponse]]:
+        """Relays one HTTP request a sandbox sent out through its egress relay, to a host that one of the sandbox's
+        API-key credentials allows, with each such credential's placeholder replaced by its value in the headers
+        and URL; the value is replaced back by the placeholder in the response. Any other host is refused with
+        `PERMISSION_DENIED`. Called by hands; streams like `RelayGit`.
         """
 
 def add_McpProxyServiceServicer_to_server(servicer: McpProxyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -33,7 +33,9 @@ class _NetworkPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Network
     NETWORK_POLICY_NONE: _NetworkPolicy.ValueType  # 1
     """No network at all: only a loopback interface private to the sandbox."""
     NETWORK_POLICY_EGRESS_RELAY: _NetworkPolicy.ValueType  # 2
-    """Outbound HTTP only through the credential relay, to the hosts the session's credentials allow."""
+    """Outbound HTTP and HTTPS only through the egress relay (the `HTTP_PROXY` the sandbox is given), and only
+    to the allowed hosts of the sandbox's `secrets`; every other host is refused.
+    """
 
 class NetworkPolicy(_NetworkPolicy, metaclass=_NetworkPolicyEnumTypeWrapper):
     """Network access granted to a sandbox."""
@@ -43,7 +45,9 @@ NETWORK_POLICY_UNSPECIFIED: NetworkPolicy.ValueType  # 0
 NETWORK_POLICY_NONE: NetworkPolicy.ValueType  # 1
 """No network at all: only a loopback interface private to the sandbox."""
 NETWORK_POLICY_EGRESS_RELAY: NetworkPolicy.ValueType  # 2
-"""Outbound HTTP only through the credential relay, to the hosts the session's credentials allow."""
+"""Outbound HTTP and HTTPS only through the egress relay (the `HTTP_PROXY` the sandbox is given), and only
+to the allowed hosts of the sandbox's `secrets`; every other host is refused.
+"""
 Global___NetworkPolicy: _TypeAlias = NetworkPolicy  # noqa: Y015
 
 class _SandboxState:
@@ -145,6 +149,7 @@ class Resources(_message.Message):
     IMAGE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     REPOSITORIES_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
     memory_bytes: _builtins.int
     """Optional. Memory limit of the whole sandbox, in bytes. Default 1 GiB; at least 16 MiB."""
     max_processes: _builtins.int
@@ -171,6 +176,13 @@ class Resources(_message.Message):
     def repositories(self) -> _containers.RepeatedCompositeFieldContainer[Global___Repository]:
         """Optional. Git repositories to clone into the workspace before the first call; at most 16."""
 
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SandboxSecret]:
+        """Optional. API keys the sandbox may use without holding them; at most 16. Each appears inside as an
+        opaque placeholder in an environment variable, and the egress relay puts the real value in its place on
+        requests to the credential's allowed hosts. Implies `NETWORK_POLICY_EGRESS_RELAY`.
+        """
+
     def __init__(
         self,
         *,
@@ -183,14 +195,45 @@ class Resources(_message.Message):
         image: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         repositories: _abc.Iterable[Global___Repository] | None = ...,
+        secrets: _abc.Iterable[Global___SandboxSecret] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command_timeout", b"command_timeout", "idle_ttl", b"idle_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_timeout", b"command_timeout", "cpu_millis", b"cpu_millis", "idle_ttl", b"idle_ttl", "image", b"image", "labels", b"labels", "max_processes", b"max_processes", "memory_bytes", b"memory_bytes", "network", b"network", "repositories", b"repositories"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_timeout", b"command_timeout", "cpu_millis", b"cpu_millis", "idle_ttl", b"idle_ttl", "image", b"image", "labels", b"labels", "max_processes", b"max_processes", "memory_bytes", b"memory_bytes", "network", b"network", "repositories", b"repositories", "secrets", b"secrets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Resources: _TypeAlias = Resources  # noqa: Y015
+
+@_typing.final
+class SandboxSecret(_message.Message):
+    """An API-key credential of the vault offered to a sandbox as a placeholder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENV_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    env: _builtins.str
+    """Required. Environment variable that holds the placeholder inside the sandbox: 1 to 64 characters of
+    `[A-Z_][A-Z0-9_]*`, unique within the sandbox.
+    """
+    credential: _builtins.str
+    """Required. Vault credential (`CREDENTIAL_KIND_API_KEY`) whose value replaces the placeholder in the
+    headers and URL of requests to its `allowed_hosts`; the value itself never enters the sandbox.
+    """
+    def __init__(
+        self,
+        *,
+        env: _builtins.str = ...,
+        credential: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "env", b"env"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SandboxSecret: _TypeAlias = SandboxSecret  # noqa: Y015
 
 @_typing.final
 class Repository(_message.Message):

@@ -11,7 +11,7 @@ from google.protobuf import duration_pb2
 from managed_agents import events
 from managed_agents.mesh.channel import dial
 from managed_agents.mesh.errors import IdempotencyKeyReused, InvalidArgument, SequenceMismatch
-from managed_agents.v1 import content_pb2, events_pb2, session_pb2, session_pb2_grpc
+from managed_agents.v1 import content_pb2, events_pb2, sandbox_pb2, session_pb2, session_pb2_grpc
 from session_store.app import StoreServer
 from session_store.client import SessionStoreClient
 
@@ -131,6 +131,21 @@ BAD_CALLS: dict[str, tuple[Call, str]] = {
     "empty holder": (
         lambda s, sid: s.AcquireLease(session_pb2.AcquireLeaseRequest(session_id=sid)),
         "holder",
+    ),
+    "too many credentials for one session token": (
+        lambda s, sid: s.CreateSession(
+            session_pb2.CreateSessionRequest(
+                session=session_pb2.Session(
+                    agent=session_pb2.AgentConfig(
+                        mcp_servers=[f"m{i}" for i in range(12)],
+                        resources=sandbox_pb2.Resources(
+                            secrets=[sandbox_pb2.SandboxSecret(env=f"K{i}", credential=f"k{i}") for i in range(9)]
+                        ),
+                    )
+                )
+            )
+        ),
+        "grants 21 credentials",
     ),
     "title too long": (
         lambda s, sid: s.CreateSession(session_pb2.CreateSessionRequest(session=session_pb2.Session(title="t" * 300))),
