@@ -60,6 +60,7 @@ bench: install
 	$(BIN)/python bench/tracing_bench.py
 	$(BIN)/python bench/auth_bench.py
 	$(BIN)/python bench/proxy_bench.py
+	$(BIN)/python bench/egress_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
