@@ -1,11 +1,14 @@
-"""Deployment files, checked as far as this machine can without a container engine: compose.yaml and the
-Dockerfile refer only to commands and flags that exist, buf.gen.yaml is a valid buf configuration, and the
-`health` command that container health checks run tells serving from not."""
+"""Deployment files, checked as far as this machine can without a container engine: compose.yaml is valid
+Compose (`docker-compose config`, offline), it and the Dockerfile refer only to commands and flags that exist,
+buf.gen.yaml is a valid buf configuration, and the `health` command that container health checks run tells
+serving from not."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +25,22 @@ from mcp_proxy.config import ProxyConfig
 from session_store.app import StoreServer
 from session_store.config import StoreConfig
 from tests.helpers import ROOT
+
+
+def test_compose_file_is_valid_compose() -> None:
+    compose = shutil.which("docker-compose")
+    assert compose, "docker-compose is required to check compose.yaml: `make test` installs it"
+
+    def config(**env: str) -> subprocess.CompletedProcess[str]:
+        environ = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"} | env
+        command = [compose, "--project-directory", str(ROOT), "-f", str(ROOT / "compose.yaml"), "config", "-q"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=environ)
+
+    checked = config(ANTHROPIC_API_KEY="sk-ant-check")
+    assert checked.returncode == 0, checked.stderr
+    # Without the model's key, compose refuses to start the brain, with a sentence saying what to set.
+    unset = config()
+    assert unset.returncode != 0 and "set ANTHROPIC_API_KEY for Claude" in unset.stderr
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -170,6 +170,29 @@ async def test_every_other_host_and_every_other_way_out_is_refused(mesh: EgressM
         await other.stop()
 
 
+async def test_what_is_not_a_proxy_request_gets_a_sentence_not_silence(mesh: EgressMesh) -> None:
+    sandbox_id = await mesh.sandbox()
+    probe = """
+        import socket
+        for raw in (
+            b"garbage\\r\\n\\r\\n",
+            b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n",
+            b"CONNECT nowhere HTTP/1.1\\r\\n\\r\\n",
+            b"GET http://x/ HTTP/1.1\\r\\n" + b"X-Long: " + b"a" * 70000 + b"\\r\\n\\r\\n",
+        ):
+            with socket.create_connection(("127.0.0.1", 7481), 5) as s:
+                s.sendall(raw)
+                print(s.recv(65536).decode().splitlines()[-1])
+    """
+    answers = await mesh.run(sandbox_id, f"python3 - <<'EOF'\n{textwrap.dedent(probe)}\nEOF")
+    lines = answers.output.splitlines()
+    assert lines[0].startswith("the egress relay could not read the request: 'garbage'"), answers.output
+    assert lines[1].startswith("this is the sandbox's egress relay: send requests through it as a proxy"), lines
+    assert lines[2] == "CONNECT needs host:port, not 'nowhere'", lines
+    assert "longer than 65536 bytes" in lines[3], lines
+    assert mesh.api.requests == []
+
+
 async def test_the_key_is_nowhere_in_the_sandbox(mesh: EgressMesh) -> None:
     sandbox_id = await mesh.sandbox()
     await mesh.run(sandbox_id, fetch(f"{mesh.api.base_url}/weather"))
