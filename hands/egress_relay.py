@@ -243,6 +243,9 @@ class SandboxEgress:
                 inner = await _read_request(reader)
                 if inner is None:
                     return
+                if not inner.target.startswith("/"):
+                    await _answer(writer, 400, "inside a CONNECT tunnel, requests name a path (/...), not a URL\n")
+                    return
                 origin = f"https://{request.target}" if port != "443" else f"https://{host}"
                 await self._relay(inner, origin + inner.target, reader, writer)
             elif request.target.startswith("http://"):

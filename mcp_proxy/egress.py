@@ -183,6 +183,14 @@ class EgressRelay:
                 text = text.replace(placeholder, value)
             return text
 
+        target = put_in(url)
+        try:
+            moved = host_of(target) != host
+        except ValueError:
+            moved = True
+        if moved:
+            # A value holding `@`, `/` or `:` must not move the request to another host once put in.
+            raise InvalidArgument.field("head.url", "a placeholder may stand in the path and query only")
         outgoing = [(k, put_in(v)) for k, v in headers if k.lower() not in _DROPPED_REQUEST]
         outgoing.append(("Accept-Encoding", "identity"))
         scrubber = Scrubber(scrub)
@@ -197,7 +205,7 @@ class EgressRelay:
         try:
             response = await self._upstream.session().request(
                 method,
-                put_in(url),
+                target,
                 headers=outgoing,
                 data=None if first is None else rest(),
                 # A redirect is answered to the sandbox, whose next request comes through here and is checked.
