@@ -10,9 +10,6 @@ key stays outside every sandbox.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
 import ssl
 import tempfile
 import threading
@@ -20,18 +17,15 @@ from collections import OrderedDict
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from managed_agents.mesh import pki
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 _CACHED_HOSTS = 256
 _LEAF_DAYS = 30
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
 class EgressCA:
@@ -53,48 +47,15 @@ class EgressCA:
             if not isinstance(key, ec.EllipticCurvePrivateKey):
                 raise ValueError(f"{key_path} is not an EC private key")
             return cls(key, x509.load_pem_x509_certificate(cert_path.read_bytes()))
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        name = _name("managed-agents sandbox egress CA")
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256())
-        )
-        _write_private(
-            key_path,
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
-        )
-        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        key, cert = pki.new_ca("managed-agents sandbox egress CA", days=3650)
+        pki.write_file(key_path, pki.key_pem(key), private=True)
+        pki.write_file(cert_path, pki.cert_pem(cert), private=False)
         return cls(key, cert)
 
     @property
     def cert_pem(self) -> bytes:
         """The CA certificate, for sandboxes to trust."""
-        return self._cert.public_bytes(serialization.Encoding.PEM)
+        return pki.cert_pem(self._cert)
 
     def server_context(self, host: str) -> ssl.SSLContext:
         """A server-side TLS context presenting a certificate for `host` (a name or an IP address)."""
@@ -112,43 +73,13 @@ class EgressCA:
         return context
 
     def _issue(self, host: str) -> ssl.SSLContext:
-        key = ec.generate_private_key(ec.SECP256R1())
-        try:
-            alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-        except ValueError:
-            alt = x509.DNSName(host)
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(host[:64]))
-            .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=_LEAF_DAYS))
-            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
-            .sign(self._key, hashes.SHA256())
-        )
+        key, cert = pki.issue(self._key, self._cert, common_name=host, names=[host], days=_LEAF_DAYS)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         # `load_cert_chain` reads files only; these live a moment in a private temporary directory.
         with tempfile.TemporaryDirectory() as scratch:
             chain, key_file = Path(scratch) / "chain.pem", Path(scratch) / "key.pem"
-            chain.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + self.cert_pem)
-            _write_private(
-                key_file,
-                key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                ),
-            )
+            chain.write_bytes(pki.cert_pem(cert) + self.cert_pem)
+            pki.write_file(key_file, pki.key_pem(key), private=True)
             context.load_cert_chain(chain, key_file)
         return context
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)

@@ -11,19 +11,13 @@ checked by clients whatever address they dial: a mesh reached through load balan
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import os
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from managed_agents.mesh import pki
 
 TLS_DIR_ENV = "MANAGED_AGENTS_TLS_DIR"
 MESH_NAME = "mesh.managed-agents.internal"
@@ -84,71 +78,23 @@ def write_dev_certs(directory: Path, *, extra_names: Sequence[str] = (), days: i
     addresses, for clients such as grpcurl that check the address they dial). Keys are readable by their owner
     only. The CA's key is not kept: this CA signs nothing else, and rotating means running the command again.
     """
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "managed-agents dev mesh CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    peer_key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for name in (MESH_NAME, "localhost", "127.0.0.1", *extra_names):
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            names.append(x509.DNSName(name))
-    peer = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, MESH_NAME)]))
-        .issuer_name(ca_name)
-        .public_key(peer_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+    ca_key, ca = pki.new_ca("managed-agents dev mesh CA", days=days)
+    peer_key, peer = pki.issue(
+        ca_key,
+        ca,
+        common_name=MESH_NAME,
+        names=[MESH_NAME, "localhost", "127.0.0.1", *extra_names],
+        days=days,
+        client=True,
     )
     directory.mkdir(parents=True, exist_ok=True)
-    key_pem = peer_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
     written = []
     for name, data, private in (
-        (CA_FILE, ca.public_bytes(serialization.Encoding.PEM), False),
-        (CERT_FILE, peer.public_bytes(serialization.Encoding.PEM), False),
-        (KEY_FILE, key_pem, True),
+        (CA_FILE, pki.cert_pem(ca), False),
+        (CERT_FILE, pki.cert_pem(peer), False),
+        (KEY_FILE, pki.key_pem(peer_key), True),
     ):
         path = directory / name
-        mode = stat.S_IRUSR | stat.S_IWUSR if private else stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.chmod(path, mode)
+        pki.write_file(path, data, private=private)
         written.append(path)
     return written
