@@ -157,21 +157,22 @@ async def _body(reader: asyncio.StreamReader, request: _Request) -> AsyncIterato
                 while (await reader.readuntil(b"\r\n")) != b"\r\n":
                     pass
                 return
-            while size > 0:
-                piece = await reader.read(min(size, 256 * 1024))
-                if not piece:
-                    raise _BadRequest("the request body ended inside a chunk")
-                size -= len(piece)
+            async for piece in _pieces(reader, size):
                 yield piece
             await reader.readexactly(2)
     length = request.header("content-length")
-    remaining = int(length) if length.isdigit() else 0
-    while remaining > 0:
-        chunk = await reader.read(min(remaining, 256 * 1024))
-        if not chunk:
+    async for piece in _pieces(reader, int(length) if length.isdigit() else 0):
+        yield piece
+
+
+async def _pieces(reader: asyncio.StreamReader, size: int) -> AsyncIterator[bytes]:
+    """The next `size` bytes, in pieces of at most 256 KiB (a body is never held whole)."""
+    while size > 0:
+        piece = await reader.read(min(size, 256 * 1024))
+        if not piece:
             raise _BadRequest("the request body ended early")
-        remaining -= len(chunk)
-        yield chunk
+        size -= len(piece)
+        yield piece
 
 
 def _reason(status: int) -> str:

@@ -116,7 +116,14 @@ async def test_a_sandbox_calls_an_api_with_a_key_it_only_holds_as_a_placeholder(
         "headers={'Authorization': 'Bearer '+os.environ['WEATHER_API_KEY']}); print(u.urlopen(r).read().decode())\"",
     )
     assert '"bytes": 300000' in posted.output, posted.output
-    assert [authorized for _, _, authorized in mesh.api.requests] == [True, True, True], "the key reached the API"
+    chunked = await mesh.run(
+        sandbox.id,
+        f"python3 -c \"import os,urllib.request as u; r=u.Request('{mesh.api.base_url}/weather', "
+        "data=iter([b'a'*1000, b'b'*70000]), headers={'Authorization': 'Bearer '+os.environ['WEATHER_API_KEY']}); "
+        'print(u.urlopen(r).read().decode())"',
+    )
+    assert '"bytes": 71000' in chunked.output, chunked.output
+    assert [authorized for _, _, authorized in mesh.api.requests] == [True] * 4, "the key reached the API"
 
 
 async def test_an_api_that_echoes_the_key_gives_the_sandbox_the_placeholder(mesh: EgressMesh) -> None:
