@@ -43,9 +43,13 @@ _RESERVED_ENV = frozenset(
     {"PATH", "HOME", "PWD", "SHELL", "USER", "LANG", "TERM", "HOSTNAME", "NO_PROXY", "HTTP_PROXY", "HTTPS_PROXY"}
     | {"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO", "PIP_CERT"}
 )
+# Headers that end here: this relay frames the request anew (and answers `Expect` itself).
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer", "upgrade", "expect"}
+    | {"transfer-encoding"}
 )
+# How a refusal by the proxy reaches the sandbox's program; anything else is the relay failing (502).
+_REFUSAL_STATUS = {"PERMISSION_DENIED": 403, "UNAUTHENTICATED": 403, "INVALID_ARGUMENT": 400}
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +158,9 @@ async def _body(reader: asyncio.StreamReader, request: _Request) -> AsyncIterato
             size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
             if size == 0:
                 # Trailers, if any, end with an empty line.
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                    pass
+                trailer = await reader.readuntil(b"\r\n")
+                while trailer != b"\r\n":
+                    trailer = await reader.readuntil(b"\r\n")
                 return
             async for piece in _pieces(reader, size):
                 yield piece
@@ -296,17 +301,13 @@ class SandboxEgress:
             url=url,
             method=request.method,
             headers=[
-                mcp_proxy_pb2.HttpHeader(name=k, value=v)
-                for k, v in request.headers
-                if k.lower() not in _HOP_BY_HOP and k.lower() != "transfer-encoding"
+                mcp_proxy_pb2.HttpHeader(name=k, value=v) for k, v in request.headers if k.lower() not in _HOP_BY_HOP
             ],
         )
         try:
             answer, chunks = await self._proxy.relay_http(head, _body(reader, request))
         except MeshError as error:
-            status = 403 if error.code.name in ("PERMISSION_DENIED", "UNAUTHENTICATED") else 400
-            if error.code.name not in ("PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_ARGUMENT"):
-                status = 502
+            status = _REFUSAL_STATUS.get(error.code.name, 502)
             log.warning("egress relay refused %s %s: %s", request.method, urlsplit(url).netloc, error)
             await _answer(writer, status, f"refused by the egress relay: {error}\n")
             return

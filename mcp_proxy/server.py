@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
@@ -216,21 +216,14 @@ class McpProxyServicer(mcp_proxy_pb2_grpc.McpProxyServiceServicer):
                 headers=[(h.name, h.value) for h in head.headers],
                 body=body,
             )
-        self._egress_requests.add(1, {"host": host_of(head.url), "status": relayed.status})
+        host = host_of(head.url)
+        self._egress_requests.add(1, {"host": host, "status": relayed.status})
         yield mcp_proxy_pb2.RelayHttpResponse(
             head=mcp_proxy_pb2.RelayHttpResponseHead(status=relayed.status, headers=_headers(relayed.headers))
         )
         async for chunk in relayed.body:
             yield mcp_proxy_pb2.RelayHttpResponse(body=chunk)
-        self._egress_time.record(time.perf_counter() - started, {"host": host_of(head.url)})
-
-
-class _RelayPart(Protocol):
-    """A message of a relay request stream: a head first, then body chunks."""
-
-    body: bytes
-
-    def WhichOneof(self, name: Literal["part"]) -> str | None: ...
+        self._egress_time.record(time.perf_counter() - started, {"host": host})
 
 
 @contextlib.asynccontextmanager
@@ -259,7 +252,6 @@ async def _head_and_body(request_iterator: AsyncIterator[Any]) -> tuple[Any, Asy
             raise InvalidArgument.field("head", "the first message must be the request head")
 
     async def body() -> AsyncIterator[bytes]:
-        part: _RelayPart
         async for part in request_iterator:
             if part.WhichOneof("part") != "body":
                 raise InvalidArgument.field("body", "only body chunks may follow the head")

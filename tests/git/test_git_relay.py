@@ -128,7 +128,7 @@ async def test_the_token_is_nowhere_in_the_sandbox(mesh: GitMesh) -> None:
     )
     for secret in (mesh.git.token, mesh.token, "x-access-token", "mst1."):
         assert secret not in looked.output
-    assert "hands.git_forwarder" not in looked.output, "the forwarder is outside the sandbox's process namespace"
+    assert "hands.forwarder" not in looked.output, "the forwarder is outside the sandbox's process namespace"
 
 
 async def test_what_was_not_granted_is_refused(mesh: GitMesh, tmp_path: Path) -> None:
