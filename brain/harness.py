@@ -849,7 +849,9 @@ class SessionRun:
                     execution_id=use.id,
                     name=use.name,
                     input=use.input,
-                    timeout=self._config.tool_timeout,
+                    # The model's bash and editor calls name no time limit, so the sandbox's command_timeout
+                    # (a ceiling hands enforces) applies; the brain asks for no more than the model did.
+                    timeout=None,
                     credential_token=await self._credential_token(),
                 )
                 break

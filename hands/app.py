@@ -9,6 +9,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from hands.backend import Limits, SandboxBackend
 from hands.config import HandsConfig
+from hands.identities import Identities, Identity
 from hands.sandboxes import SandboxManager
 from hands.server import SERVICE_NAME, HandsServicer
 from managed_agents.mesh.metrics import ServiceMetrics
@@ -42,10 +43,15 @@ def make_backend(config: HandsConfig) -> SandboxBackend:
     if config.backend == "docker":
         from hands.backends.docker import DockerBackend
 
-        return DockerBackend.connect(config.docker_url, default_image=config.default_image)
+        return DockerBackend.connect(config.docker_url, default_image=config.default_image, work_root=config.work_root)
     from hands.backends.bwrap import BwrapBackend
 
-    return BwrapBackend.create_default(config.work_root)
+    first, _ = config.sandbox_uids
+    return BwrapBackend.create_default(
+        config.work_root,
+        probe_identity=Identity(first, first),
+        without_user_namespace=config.without_user_namespace,
+    )
 
 
 async def start(
@@ -53,14 +59,20 @@ async def start(
 ) -> HandsServer:
     """Adopts sandboxes left on disk, then serves."""
     backend = backend or make_backend(config)
-    defaults = Limits(image=config.default_image if backend.name == "docker" else "")
+    defaults = Limits(
+        image=config.default_image if backend.name == "docker" else "", disk_bytes=config.default_disk_bytes
+    )
     metrics = ServiceMetrics.build("hands", os.environ, listen=config.metrics_listen)
     proxy = (
         McpProxyClient.connect(config.proxy, mesh_secret=config.mesh_secret, tls=config.mesh_tls)
         if config.proxy
         else None
     )
-    manager = SandboxManager(backend, config.work_root, instance=config.instance_name, proxy=proxy)
+    first, count = config.sandbox_uids
+    identities = Identities(config.work_root, first=first, count=count)
+    manager = SandboxManager(
+        backend, config.work_root, instance=config.instance_name, identities=identities, proxy=proxy
+    )
     await manager.start()
     server = MeshServer(
         [

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from hands.identities import Identity
+
 
 class Enforcement(enum.IntEnum):
     """How limits are enforced; numbers match `managed_agents.v1.LimitEnforcement`."""
@@ -33,6 +35,7 @@ class Limits:
     command_timeout_s: float = 120.0
     idle_ttl_s: float = 1800.0
     image: str = ""
+    disk_bytes: int = 4 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,32 +47,67 @@ class LimitEvents:
 
 
 @dataclass(frozen=True, slots=True)
+class Posture:
+    """What confines a backend's sandboxes on this host, as the `Sandbox` resource states it."""
+
+    user_namespace: bool
+    # True when every sandbox runs as a host uid of its own (else they share hands' identity, or root's).
+    own_identity: bool
+    seccomp: str
+    read_only_system: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SandboxPaths:
-    """Host directories of one sandbox: `workspace` is what the sandbox sees as /workspace; `control` holds the
-    scripts the shell runs (read-only inside); `state` (execution records) is never visible inside."""
+    """Host paths of one sandbox. Its disk (`hands.disk`: a filesystem of its own, the size of its quota) is
+    mounted at `mount`: `workspace` and `tmp` are what the sandbox sees as /workspace and /tmp, `control` holds
+    the shell's driver and command files (read-only inside). `state` (execution records) stays outside the
+    disk, never visible inside and never filled by the sandbox. The image file is in `root`."""
 
     root: Path
 
     @property
+    def image(self) -> Path:
+        return self.root / "disk.img"
+
+    @property
+    def mount(self) -> Path:
+        # Not under the work root: bwrap runs as the sandbox's identity, which must be able to reach its disk,
+        # and the work root's ancestors may be closed to other users (a home directory, pytest's tmp).
+        return DISKS / self.root.name
+
+    @property
     def workspace(self) -> Path:
-        return self.root / "workspace"
+        return self.mount / "workspace"
+
+    @property
+    def tmp(self) -> Path:
+        return self.mount / "tmp"
 
     @property
     def control(self) -> Path:
-        return self.root / "control"
+        return self.mount / "control"
 
     @property
     def state(self) -> Path:
         return self.root / "state"
 
     def create(self) -> None:
-        """Makes the directories."""
-        for path in (self.workspace, self.control, self.state):
+        """Makes the host-side directories (the disk's own are made with it)."""
+        for path in (self.root, self.state):
             path.mkdir(parents=True, exist_ok=True)
 
 
+# Where the disks of sandboxes are mounted on the host, one directory per sandbox id (ids are unique).
+DISKS = Path("/run/managed-agents/disks")
 # Where the control directory appears inside every sandbox.
 CONTROL_MOUNT = "/run/managed-agents"
+# The shell's interpreter in the control directory: executable by the sandbox but not readable, so the kernel
+# makes the process running it non-dumpable (see `hands.shell`). Named `sh` so that a busybox, which picks its
+# applet by the name it runs as, is a shell; bash run as `sh` starts in POSIX mode, which the driver turns off.
+SHELL_BINARY = "sh"
+# The uid and gid a sandbox's processes have inside their user namespace (a host identity of its own outside).
+INSIDE_UID = 1000
 # The CA certificate of the egress relay, in the control directory of a sandbox that has secrets.
 EGRESS_CA_FILE = "egress-ca.crt"
 WORKSPACE_MOUNT = "/workspace"
@@ -86,8 +124,12 @@ class ShellProcess(Protocol):
         """The next output bytes; empty once the shell has exited."""
         ...
 
+    async def read_status(self) -> bytes:
+        """The next bytes of the driver's status channel (see `hands.shell`); empty once the shell has exited."""
+        ...
+
     async def kill_children(self) -> None:
-        """Interrupts the shell and kills every process it started, but not the shell (to cut a command short)."""
+        """Kills every process of the sandbox but the shell's driver (to cut a command short)."""
         ...
 
     async def terminate(self) -> None:
@@ -122,12 +164,25 @@ class SandboxBackend(Protocol):
         """How this backend enforces limits on this host."""
         ...
 
-    async def create(self, sandbox_id: str, paths: SandboxPaths, limits: Limits) -> None:
-        """Prepares the sandbox (limit groups, container). Raises `SandboxUnavailable` if it cannot."""
+    @property
+    def posture(self) -> Posture:
+        """What confines this backend's sandboxes on this host."""
         ...
 
-    async def start_shell(self, sandbox_id: str, paths: SandboxPaths, limits: Limits) -> ShellProcess:
-        """Starts a fresh shell in the sandbox, cwd /workspace, with a clean environment."""
+    def needs_identity(self) -> bool:
+        """True if every sandbox should be given a host identity of its own (`hands.identities`)."""
+        ...
+
+    async def create(self, sandbox_id: str, paths: SandboxPaths, limits: Limits, identity: Identity | None) -> None:
+        """Prepares the sandbox (limit groups, container, the shell's interpreter in its control directory), its
+        disk already mounted. Raises `SandboxUnavailable` if it cannot."""
+        ...
+
+    async def start_shell(
+        self, sandbox_id: str, paths: SandboxPaths, limits: Limits, identity: Identity | None
+    ) -> ShellProcess:
+        """Starts a fresh shell in the sandbox: the driver (`hands.shell.DRIVER`, already written to the control
+        directory) with its status channel, cwd /workspace, a clean environment, as `identity`."""
         ...
 
     async def lost_reason(self, sandbox_id: str) -> str | None:

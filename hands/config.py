@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hands import disk
+from hands.identities import DEFAULT_RANGE, parse_range
 from managed_agents.mesh.config import add_flag, add_metrics_flag, mesh_secret_or_exit, mesh_tls_or_exit, parse_listen
 from managed_agents.mesh.tls import MeshTls
 
@@ -22,6 +24,28 @@ def label_problem(key: str, value: str) -> str:
     if not _LABEL.fullmatch(value):
         return f"label value {value[:80]!r} of {key!r} is not 1 to 63 characters of [A-Za-z0-9._-]"
     return ""
+
+
+def _uid_range(text: str) -> tuple[int, int]:
+    try:
+        return parse_range(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _disk_size(text: str) -> int:
+    """`4GiB`, `512MiB`, or a number of bytes."""
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+    number, factor = text.strip(), 1
+    for suffix, size in units.items():
+        if number.endswith(suffix):
+            number, factor = number[: -len(suffix)].strip(), size
+    if not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 4GiB, 512MiB or a number of bytes")
+    value = int(number) * factor
+    if not disk.MIN_BYTES <= value <= disk.MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 64MiB and 1TiB")
+    return value
 
 
 def parse_labels(text: str) -> tuple[tuple[str, str], ...]:
@@ -49,6 +73,11 @@ class HandsConfig:
     default_image: str = "localhost/managed-agents-sandbox:1"
     labels: tuple[tuple[str, str], ...] = ()
     proxy: str = ""
+    # (first uid, count): host identities given to sandboxes, one each.
+    sandbox_uids: tuple[int, int] = DEFAULT_RANGE
+    default_disk_bytes: int = disk.DEFAULT_BYTES
+    # Runs bwrap sandboxes without a user namespace on hosts that cannot give one (an explicit choice).
+    without_user_namespace: bool = False
     port_file: Path | None = None
     grace_seconds: float = 10.0
     log_level: str = "info"
@@ -133,6 +162,30 @@ class HandsConfig:
             "secrets (outbound HTTP with API keys put in), adding the vault's credentials outside the sandbox; "
             "empty refuses both",
         )
+        first, count = d.sandbox_uids
+        flag(
+            "--sandbox-uids",
+            "HANDS_SANDBOX_UIDS",
+            f"{first}-{first + count - 1}",
+            "FIRST-LAST: host uids (and gids) given to sandboxes, one of its own each; no account or other "
+            "program should use them, and hands servers sharing a host may share the range",
+            type=_uid_range,
+        )
+        flag(
+            "--default-disk",
+            "HANDS_DEFAULT_DISK",
+            "4GiB",
+            "disk quota of a sandbox that asks for none (its /workspace and /tmp share it), e.g. 4GiB or 512MiB",
+            type=_disk_size,
+        )
+        parser.add_argument(
+            "--without-user-namespace",
+            action="store_true",
+            default=environ.get("HANDS_WITHOUT_USER_NAMESPACE", "") in ("1", "true", "yes"),
+            help="on a host that cannot give sandboxes a user namespace, run them anyway as unprivileged host uids "
+            "without one (they lose the namespace: their uid is the same inside and out); without this flag "
+            "hands refuses to start there [env HANDS_WITHOUT_USER_NAMESPACE=1]",
+        )
         flag("--port-file", "HANDS_PORT_FILE", None, "write the bound host:port here once serving", type=Path)
         flag("--grace", "HANDS_GRACE", d.grace_seconds, "seconds in-flight calls get on SIGTERM", type=float)
         flag(
@@ -160,6 +213,9 @@ class HandsConfig:
             default_image=args.default_image,
             labels=args.labels,
             proxy=args.proxy,
+            sandbox_uids=args.sandbox_uids,
+            default_disk_bytes=args.default_disk,
+            without_user_namespace=args.without_user_namespace,
             port_file=args.port_file,
             grace_seconds=args.grace,
             log_level=args.log_level,

@@ -153,17 +153,25 @@ class LimitGroups:
             (cpu / "cpu.cfs_period_us").write_text(str(_PERIOD_US))
             (cpu / "cpu.cfs_quota_us").write_text(str(quota))
 
-    def wrap(self, sandbox_id: str, limits: Limits, argv: list[str]) -> list[str]:
-        """`argv` wrapped so that the process starts inside the sandbox's groups (or under its rlimits).
+    def wrap(self, sandbox_id: str, limits: Limits, argv: list[str], *, prelude: str = "") -> list[str]:
+        """`argv` wrapped so that the process starts inside the sandbox's groups (or under its rlimits), after
+        the shell statement `prelude` (fd plumbing).
 
-        The wrapper (`sh` writing its own pid to each group, then exec-ing the command) replaces a Python
+        The wrapper (a shell writing its own pid to each group, then exec-ing the command) replaces a Python
         `preexec_fn`, which would force a plain fork of this multi-threaded gRPC server.
         """
+        statements = []
         if self.mode is Enforcement.RLIMIT:
-            return ["prlimit", f"--as={limits.memory_bytes}", f"--nproc={limits.max_processes}", "--", *argv]
-        procs = " ".join(str(d / "cgroup.procs") for d in self._dirs(sandbox_id))
-        script = f'for group in {procs}; do echo $$ > "$group" || exit 125; done; exec "$@"'
-        return ["/bin/sh", "-c", script, "sh", *argv]
+            rlimits = f"prlimit --as={limits.memory_bytes} --nproc={limits.max_processes} --"
+        else:
+            rlimits = ""
+            procs = " ".join(str(d / "cgroup.procs") for d in self._dirs(sandbox_id))
+            statements.append(f'for group in {procs}; do echo $$ > "$group" || exit 125; done')
+        if prelude:
+            statements.append(prelude)
+        statements.append(f'exec {rlimits} "$@"'.replace("  ", " "))
+        # bash, not sh: dash cannot redirect descriptors above 9, which the prelude moves.
+        return ["/bin/bash", "-c", "; ".join(statements), "sh", *argv]
 
     def _counter(self, path: Path, key: str) -> int:
         try:

@@ -23,14 +23,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hands import disk
 from hands.backend import CONTROL_MOUNT, Limits, SandboxBackend, SandboxPaths
 from hands.doors import EGRESS_PORT, GIT_PORT, SandboxDoors, door_socket
 from hands.egress_relay import EgressRelays, SandboxEgress, SecretPlaceholder, sandbox_environment
 from hands.executions import ExecResult, ExecStatus, ExecutionLog
 from hands.git_relay import GitRelays, Repository, SandboxRelay
-from hands.shell import Shell
+from hands.identities import Identities, Identity
+from hands.shell import Shell, write_driver
 from hands.tools import bash, text_editor
-from managed_agents.mesh.errors import FailedPrecondition, SandboxNotFound
+from managed_agents.mesh.errors import FailedPrecondition, SandboxNotFound, SandboxUnavailable
 from managed_agents.mesh.ids import SANDBOX_PREFIX, new_id
 from mcp_proxy.client import McpProxyClient
 
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 READY, LOST, DESTROYED = "ready", "lost", "destroyed"
 CLONE_TIMEOUT = 600.0
+EDITOR_TIMEOUT = 30.0  # seconds one text-editor call may take (on a sandbox's own disk, far more than enough)
 TOOLS = (bash.NAME, text_editor.NAME)
 
 
@@ -55,6 +58,7 @@ class Sandbox:
     lost_reason: str = ""
     last_used: float = 0.0
     shell: Shell | None = None
+    identity: Identity | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     inflight: dict[str, asyncio.Task[ExecResult]] = field(default_factory=dict)
     executions: ExecutionLog | None = None
@@ -77,6 +81,7 @@ class Sandbox:
             "request_id": self.request_id,
             "state": self.state,
             "lost_reason": self.lost_reason,
+            "identity": asdict(self.identity) if self.identity else None,
             "repositories": [asdict(r) for r in self.repositories],
             # Names and placeholders only: no value of a secret is ever on this side of the proxy.
             "secrets": [asdict(s) for s in self.secrets],
@@ -97,9 +102,17 @@ class SandboxManager:
     """All sandboxes of this server, on one backend, under one work root."""
 
     def __init__(
-        self, backend: SandboxBackend, work_root: Path, *, instance: str, proxy: McpProxyClient | None = None
+        self,
+        backend: SandboxBackend,
+        work_root: Path,
+        *,
+        instance: str,
+        identities: Identities | None = None,
+        proxy: McpProxyClient | None = None,
     ) -> None:
         self.backend = backend
+        # Host identities, one per sandbox, when the backend asks for them.
+        self._identities = identities if backend.needs_identity() else None
         # Repositories and secrets are relayed through the proxy; without one, sandboxes asking for them are
         # refused with a sentence.
         self._proxy = proxy
@@ -132,19 +145,40 @@ class SandboxManager:
                     last_used=time.time(),
                     repositories=[Repository(**r) for r in meta.get("repositories", [])],
                     secrets=[SecretPlaceholder(**s) for s in meta.get("secrets", [])],
+                    identity=Identity(**meta["identity"]) if meta.get("identity") else None,
                 )
             except (OSError, ValueError, KeyError, TypeError) as error:
                 log.warning("ignoring %s: %s", meta_path, error)
                 continue
             sandbox.executions = ExecutionLog(sandbox.paths.state / "executions")
             if sandbox.state == READY:
-                await self.backend.create(sandbox.id, sandbox.paths, sandbox.limits)
+                await self._adopt(sandbox)
             self._sandboxes[sandbox.id] = sandbox
             if sandbox.request_id:
                 self._by_request[sandbox.request_id] = sandbox.id
         if self._sandboxes:
             log.info("adopted %d sandbox(es) from %s", len(self._sandboxes), self._root)
+        if self._identities is not None:
+            kept = [s.id for s in self._sandboxes.values() if s.identity is not None and s.state != DESTROYED]
+            self._identities.sweep(kept)
         self._reaper = asyncio.create_task(self._reap_idle(), name="idle-reaper")
+
+    async def _adopt(self, sandbox: Sandbox) -> None:
+        """Makes a ready sandbox found on disk usable again: its disk mounted, its identity held, its limits set;
+        one that cannot be (made by an older hands, its identity taken) is marked lost with the reason."""
+        try:
+            if not sandbox.paths.image.exists():
+                raise SandboxUnavailable("it was made by an earlier hands without a disk of its own")
+            if self._identities is not None:
+                if sandbox.identity is None:
+                    raise SandboxUnavailable("it was made by an earlier hands without an identity of its own")
+                self._identities.reclaim(sandbox.id, sandbox.identity)
+            await asyncio.to_thread(disk.mount, sandbox.paths.image, sandbox.paths.mount)
+            await self.backend.create(sandbox.id, sandbox.paths, sandbox.limits, sandbox.identity)
+        except (OSError, disk.DiskError, SandboxUnavailable) as error:
+            sandbox.state, sandbox.lost_reason = LOST, f"it could not be adopted after a restart of hands: {error}"
+            log.warning("sandbox %s is lost: %s", sandbox.id, sandbox.lost_reason)
+            self._save(sandbox)
 
     async def aclose(self) -> None:
         """Stops the reaper and the shells; sandboxes stay on disk for the next server to adopt."""
@@ -243,7 +277,13 @@ class SandboxManager:
         )
         sandbox.executions = ExecutionLog(paths.state / "executions")
         try:
-            await self.backend.create(sandbox_id, paths, limits)
+            if self._identities is not None:
+                sandbox.identity = self._identities.claim(sandbox_id)
+            try:
+                await asyncio.to_thread(disk.create, paths.image, paths.mount, limits.disk_bytes, sandbox.identity)
+            except (OSError, disk.DiskError) as error:
+                raise SandboxUnavailable(f"cannot make the sandbox's disk: {error}") from None
+            await self.backend.create(sandbox_id, paths, limits, sandbox.identity)
             # A warm shell now makes the first call as fast as the next ones.
             sandbox.shell = await self._start_shell(sandbox, token)
             await self._clone(sandbox)
@@ -252,7 +292,7 @@ class SandboxManager:
                 await sandbox.shell.close()
             await sandbox.close_relays()
             await self.backend.destroy(sandbox_id, paths)
-            await asyncio.to_thread(shutil.rmtree, paths.root, True)
+            await self._remove(sandbox)
             raise
         self._save(sandbox)
         self._sandboxes[sandbox_id] = sandbox
@@ -270,14 +310,9 @@ class SandboxManager:
                 sandbox.secrets, sandbox.paths.control, door_socket(sandbox.id, "egress")
             )
         self.update_credential_token(sandbox, token)
-        process = await self.backend.start_shell(sandbox.id, sandbox.paths, sandbox.limits)
-        control_inside = CONTROL_MOUNT if self.backend.name != "local" else str(sandbox.paths.control)
-        shell = Shell(
-            process,
-            control_host=str(sandbox.paths.control),
-            control_inside=control_inside,
-            environment=sandbox_environment(sandbox.secrets, control_inside),
-        )
+        write_driver(sandbox.paths.control, CONTROL_MOUNT, sandbox_environment(sandbox.secrets, CONTROL_MOUNT))
+        process = await self.backend.start_shell(sandbox.id, sandbox.paths, sandbox.limits, sandbox.identity)
+        shell = Shell(process, control_host=str(sandbox.paths.control))
         doors = {}
         if sandbox.relay is not None:
             doors[GIT_PORT] = sandbox.relay.socket
@@ -419,9 +454,24 @@ class SandboxManager:
             else:
                 sandbox.executions.started(execution_id, name)
                 if name == bash.NAME:
-                    result = await self._bash(sandbox, tool_input, timeout or sandbox.limits.command_timeout_s)
+                    # The sandbox's command_timeout is a ceiling no call can raise, only lower.
+                    ceiling = sandbox.limits.command_timeout_s
+                    result = await self._bash(sandbox, tool_input, min(timeout or ceiling, ceiling))
+                    if timeout is not None and timeout > ceiling and result.status == ExecStatus.TIMED_OUT:
+                        note = (
+                            f"\n[This call asked for {timeout:g} s; {ceiling:g} s (the sandbox's command_timeout) "
+                            "is the most any call gets.]"
+                        )
+                        result = replace(result, output=result.output + note)
                 else:
-                    edited = await asyncio.to_thread(text_editor.run, tool_input, sandbox.paths.workspace)
+                    identity = sandbox.identity
+                    edited = await text_editor.run_async(
+                        tool_input,
+                        sandbox.paths.workspace,
+                        uid=identity.uid if identity else None,
+                        gid=identity.gid if identity else None,
+                        timeout=EDITOR_TIMEOUT,
+                    )
                     result = ExecResult(edited.output, edited.is_error, ExecStatus.COMPLETED)
             result = replace(result, duration_s=time.monotonic() - started)
             sandbox.executions.finished(execution_id, name, result)
@@ -479,6 +529,12 @@ class SandboxManager:
                 f"\n[The sandbox reached its limit of {sandbox.limits.max_processes} processes: "
                 f"{after.process_limit_hits - before.process_limit_hits} process creations were refused.]"
             )
+        usage = await asyncio.to_thread(disk.usage, sandbox.paths.mount)
+        if usage is not None and usage.full:
+            output += (
+                f"\n[The sandbox's disk is full (less than 1 MiB left): /workspace and /tmp share a quota of "
+                f"{usage.size >> 20} MiB, and writes fail with 'No space left on device' until files are removed.]"
+            )
         if outcome.timed_out:
             return ExecResult(
                 output,
@@ -498,6 +554,17 @@ class SandboxManager:
 
     # Destruction -----------------------------------------------------------------------------------------
 
+    async def _remove(self, sandbox: Sandbox) -> None:
+        """Unmounts the sandbox's disk, deletes its directory and gives its identity back (its processes are
+        gone: the backend's destroy has run)."""
+        try:
+            await asyncio.to_thread(disk.unmount, sandbox.paths.mount)
+        except disk.DiskError as error:
+            log.warning("sandbox %s: %s", sandbox.id, error)
+        await asyncio.to_thread(shutil.rmtree, sandbox.paths.root, True)
+        if self._identities is not None and sandbox.identity is not None:
+            self._identities.release(sandbox.identity)
+
     async def destroy(self, sandbox_id: str) -> Sandbox:
         """Removes every trace of the sandbox; destroying it twice is fine."""
         sandbox = self.get(sandbox_id)
@@ -511,7 +578,7 @@ class SandboxManager:
             sandbox.shell = None
         await sandbox.close_relays()
         await self.backend.destroy(sandbox.id, sandbox.paths)
-        await asyncio.to_thread(shutil.rmtree, sandbox.paths.root, True)
+        await self._remove(sandbox)
         sandbox.state = DESTROYED
         if sandbox.request_id:
             self._by_request.pop(sandbox.request_id, None)

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
+from hands import disk
 from hands.backend import Limits
 from hands.config import label_problem
 from hands.egress_relay import secrets_from
@@ -82,6 +83,9 @@ def limits_from(resources: sandbox_pb2.Resources, defaults: Limits, *, docker: b
     if resources.cpu_millis:
         check("cpu_millis", resources.cpu_millis, 10, 64000)
         limits = replace(limits, cpu_millis=resources.cpu_millis)
+    if resources.disk_bytes:
+        check("disk_bytes", resources.disk_bytes, disk.MIN_BYTES, disk.MAX_BYTES)
+        limits = replace(limits, disk_bytes=resources.disk_bytes)
     if resources.HasField("command_timeout"):
         seconds = resources.command_timeout.ToNanoseconds() / 1e9
         check("command_timeout", seconds, 0.1, 3600)
@@ -119,8 +123,20 @@ def sandbox_message(sandbox: Sandbox, manager: SandboxManager) -> sandbox_pb2.Sa
             cpu_millis=limits.cpu_millis,
             network=sandbox_pb2.NETWORK_POLICY_EGRESS_RELAY if sandbox.secrets else sandbox_pb2.NETWORK_POLICY_NONE,
             image=limits.image,
+            disk_bytes=limits.disk_bytes,
             secrets=[sandbox_pb2.SandboxSecret(env=s.env, credential=s.credential) for s in sandbox.secrets],
         ),
+    )
+    posture = manager.backend.posture
+    identity = sandbox.identity
+    message.isolation.CopyFrom(
+        sandbox_pb2.SandboxIsolation(
+            user_namespace=posture.user_namespace,
+            host_uid=identity.uid if identity else 0,
+            host_gid=identity.gid if identity else 0,
+            syscall_filter=posture.seccomp,
+            read_only_system=posture.read_only_system,
+        )
     )
     message.enforcement = int(manager.backend.enforcement)  # type: ignore[assignment]  # same numbers as the enum
     message.resources.command_timeout.FromNanoseconds(int(limits.command_timeout_s * 1e9))

@@ -4,17 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 
 from hands import procs
 
 
+async def open_status_pipe(fd: int) -> asyncio.StreamReader:
+    """A stream over the read end of a driver's status pipe (takes ownership of `fd`)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=4096, loop=loop)
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    return reader
+
+
 class SubprocessShell:
     """A shell running as (a descendant of) a local child process."""
 
-    def __init__(self, process: asyncio.subprocess.Process, *, wrapper_names: frozenset[str]) -> None:
-        """`wrapper_names` are the command names of processes between ours and the shell (e.g. `bwrap`)."""
+    def __init__(
+        self, process: asyncio.subprocess.Process, status: asyncio.StreamReader, *, wrapper_names: frozenset[str]
+    ) -> None:
+        """`status` reads the driver's status channel; `wrapper_names` are the command names of processes between
+        ours and the shell (e.g. `bwrap`)."""
         self._process = process
+        self._status = status
         self._wrappers = wrapper_names
 
     async def write(self, data: bytes) -> None:
@@ -25,6 +43,9 @@ class SubprocessShell:
     async def read(self) -> bytes:
         assert self._process.stdout is not None
         return await self._process.stdout.read(65536)
+
+    async def read_status(self) -> bytes:
+        return await self._status.read(4096)
 
     def _sandbox_processes(self) -> tuple[int | None, list[int]]:
         """(the shell, every other process of the sandbox except the wrappers)."""
@@ -49,12 +70,9 @@ class SubprocessShell:
         shell, _ = self._sandbox_processes()
         if shell is None:
             return
-        # SIGINT first, so the shell's trap is pending when its child dies: it then returns from the command
-        # instead of running its remaining lines.
-        procs.kill([shell], signal.SIGINT)
-        # Everything else goes, orphans re-parented to the namespace's init included. A fork bomb refills freed
-        # slots faster than a sweep of kills empties them, so first stop everything (a stopped process cannot
-        # fork), sweeping until no running process is left, then kill the lot.
+        # Everything but the driver goes, orphans re-parented to the namespace's init included. A fork bomb
+        # refills freed slots faster than a sweep of kills empties them, so first stop everything (a stopped
+        # process cannot fork), sweeping until no running process is left, then kill the lot.
         for _ in range(40):
             _, others = self._sandbox_processes()
             running = [pid for pid in others if not procs.stopped(pid)]

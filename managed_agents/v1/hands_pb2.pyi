@@ -145,7 +145,9 @@ class ExecuteRequest(_message.Message):
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """Optional. Time limit of the call; 0 means the sandbox's `command_timeout`. At most 1 h."""
+        """Optional. Time limit of the call; 0 means the sandbox's `command_timeout`, which is also the most a call
+        gets: a longer timeout is lowered to it (and the output of a call stopped there says so). At most 1 h.
+        """
 
     def __init__(
         self,

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmanaged_agents/v1/sandbox.proto\x12\x11managed_agents.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x03\n\tResources\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x03\x12\x15\n\rmax_processes\x18\x02 \x01(\x05\x12\x12\n\ncpu_millis\x18\x03 \x01(\x05\x12\x32\n\x0f\x63ommand_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08idle_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x07network\x18\x06 \x01(\x0e\x32 .managed_agents.v1.NetworkPolicy\x12\r\n\x05image\x18\x07 \x01(\t\x12\x38\n\x06labels\x18\x08 \x03(\x0b\x32(.managed_agents.v1.Resources.LabelsEntry\x12\x33\n\x0crepositories\x18\t \x03(\x0b\x32\x1d.managed_agents.v1.Repository\x12\x31\n\x07secrets\x18\n \x03(\x0b\x32 .managed_agents.v1.SandboxSecret\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\rSandboxSecret\x12\x0b\n\x03\x65nv\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"K\n\nRepository\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\"\xe7\x02\n\x07Sandbox\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.managed_agents.v1.SandboxState\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x38\n\x0b\x65nforcement\x18\x04 \x01(\x0e\x32#.managed_agents.v1.LimitEnforcement\x12/\n\tresources\x18\x05 \x01(\x0b\x32\x1c.managed_agents.v1.Resources\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blost_reason\x18\x08 \x01(\t\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x16\n\x0ehands_instance\x18\n \x01(\t\"\x8b\x01\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x61nthropic_type\x18\x04 \x01(\t\x12\x15\n\rsafe_to_retry\x18\x05 \x01(\x08*i\n\rNetworkPolicy\x12\x1e\n\x1aNETWORK_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13NETWORK_POLICY_NONE\x10\x01\x12\x1f\n\x1bNETWORK_POLICY_EGRESS_RELAY\x10\x02*\x9b\x01\n\x0cSandboxState\x12\x1d\n\x19SANDBOX_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSANDBOX_STATE_PROVISIONING\x10\x01\x12\x17\n\x13SANDBOX_STATE_READY\x10\x02\x12\x16\n\x12SANDBOX_STATE_LOST\x10\x03\x12\x1b\n\x17SANDBOX_STATE_DESTROYED\x10\x04*\xb6\x01\n\x10LimitEnforcement\x12!\n\x1dLIMIT_ENFORCEMENT_UNSPECIFIED\x10\x00\x12\x1f\n\x1bLIMIT_ENFORCEMENT_CGROUP_V2\x10\x01\x12\x1f\n\x1bLIMIT_ENFORCEMENT_CGROUP_V1\x10\x02\x12\x1c\n\x18LIMIT_ENFORCEMENT_RLIMIT\x10\x03\x12\x1f\n\x1bLIMIT_ENFORCEMENT_CONTAINER\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmanaged_agents/v1/sandbox.proto\x12\x11managed_agents.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x03\n\tResources\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x03\x12\x15\n\rmax_processes\x18\x02 \x01(\x05\x12\x12\n\ncpu_millis\x18\x03 \x01(\x05\x12\x32\n\x0f\x63ommand_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x08idle_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x07network\x18\x06 \x01(\x0e\x32 .managed_agents.v1.NetworkPolicy\x12\r\n\x05image\x18\x07 \x01(\t\x12\x38\n\x06labels\x18\x08 \x03(\x0b\x32(.managed_agents.v1.Resources.LabelsEntry\x12\x33\n\x0crepositories\x18\t \x03(\x0b\x32\x1d.managed_agents.v1.Repository\x12\x31\n\x07secrets\x18\n \x03(\x0b\x32 .managed_agents.v1.SandboxSecret\x12\x12\n\ndisk_bytes\x18\x0b \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\rSandboxSecret\x12\x0b\n\x03\x65nv\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"K\n\nRepository\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\x12\x0c\n\x04path\x18\x04 \x01(\t\"\x9f\x03\n\x07Sandbox\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.managed_agents.v1.SandboxState\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x38\n\x0b\x65nforcement\x18\x04 \x01(\x0e\x32#.managed_agents.v1.LimitEnforcement\x12/\n\tresources\x18\x05 \x01(\x0b\x32\x1c.managed_agents.v1.Resources\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blost_reason\x18\x08 \x01(\t\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x16\n\x0ehands_instance\x18\n \x01(\t\x12\x36\n\tisolation\x18\x0b \x01(\x0b\x32#.managed_agents.v1.SandboxIsolation\"\x80\x01\n\x10SandboxIsolation\x12\x16\n\x0euser_namespace\x18\x01 \x01(\x08\x12\x10\n\x08host_uid\x18\x02 \x01(\x03\x12\x10\n\x08host_gid\x18\x03 \x01(\x03\x12\x16\n\x0esyscall_filter\x18\x04 \x01(\t\x12\x18\n\x10read_only_system\x18\x05 \x01(\x08\"\x8b\x01\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x61nthropic_type\x18\x04 \x01(\t\x12\x15\n\rsafe_to_retry\x18\x05 \x01(\x08*i\n\rNetworkPolicy\x12\x1e\n\x1aNETWORK_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13NETWORK_POLICY_NONE\x10\x01\x12\x1f\n\x1bNETWORK_POLICY_EGRESS_RELAY\x10\x02*\x9b\x01\n\x0cSandboxState\x12\x1d\n\x19SANDBOX_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSANDBOX_STATE_PROVISIONING\x10\x01\x12\x17\n\x13SANDBOX_STATE_READY\x10\x02\x12\x16\n\x12SANDBOX_STATE_LOST\x10\x03\x12\x1b\n\x17SANDBOX_STATE_DESTROYED\x10\x04*\xb6\x01\n\x10LimitEnforcement\x12!\n\x1dLIMIT_ENFORCEMENT_UNSPECIFIED\x10\x00\x12\x1f\n\x1bLIMIT_ENFORCEMENT_CGROUP_V2\x10\x01\x12\x1f\n\x1bLIMIT_ENFORCEMENT_CGROUP_V1\x10\x02\x12\x1c\n\x18LIMIT_ENFORCEMENT_RLIMIT\x10\x03\x12\x1f\n\x1bLIMIT_ENFORCEMENT_CONTAINER\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +36,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESOURCES_LABELSENTRY']._loaded_options = None
   _globals['_RESOURCES_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_NETWORKPOLICY']._serialized_start=1231
-  _globals['_NETWORKPOLICY']._serialized_end=1336
-  _globals['_SANDBOXSTATE']._serialized_start=1339
-  _globals['_SANDBOXSTATE']._serialized_end=1494
-  _globals['_LIMITENFORCEMENT']._serialized_start=1497
-  _globals['_LIMITENFORCEMENT']._serialized_end=1679
+  _globals['_NETWORKPOLICY']._serialized_start=1438
+  _globals['_NETWORKPOLICY']._serialized_end=1543
+  _globals['_SANDBOXSTATE']._serialized_start=1546
+  _globals['_SANDBOXSTATE']._serialized_end=1701
+  _globals['_LIMITENFORCEMENT']._serialized_start=1704
+  _globals['_LIMITENFORCEMENT']._serialized_end=1886
   _globals['_RESOURCES']._serialized_start=150
-  _globals['_RESOURCES']._serialized_end=598
-  _globals['_RESOURCES_LABELSENTRY']._serialized_start=553
-  _globals['_RESOURCES_LABELSENTRY']._serialized_end=598
-  _globals['_SANDBOXSECRET']._serialized_start=600
-  _globals['_SANDBOXSECRET']._serialized_end=648
-  _globals['_REPOSITORY']._serialized_start=650
-  _globals['_REPOSITORY']._serialized_end=725
-  _globals['_SANDBOX']._serialized_start=728
-  _globals['_SANDBOX']._serialized_end=1087
-  _globals['_TOOLSPEC']._serialized_start=1090
-  _globals['_TOOLSPEC']._serialized_end=1229
+  _globals['_RESOURCES']._serialized_end=618
+  _globals['_RESOURCES_LABELSENTRY']._serialized_start=573
+  _globals['_RESOURCES_LABELSENTRY']._serialized_end=618
+  _globals['_SANDBOXSECRET']._serialized_start=620
+  _globals['_SANDBOXSECRET']._serialized_end=668
+  _globals['_REPOSITORY']._serialized_start=670
+  _globals['_REPOSITORY']._serialized_end=745
+  _globals['_SANDBOX']._serialized_start=748
+  _globals['_SANDBOX']._serialized_end=1163
+  _globals['_SANDBOXISOLATION']._serialized_start=1166
+  _globals['_SANDBOXISOLATION']._serialized_end=1294
+  _globals['_TOOLSPEC']._serialized_start=1297
+  _globals['_TOOLSPEC']._serialized_end=1436
 # @@protoc_insertion_point(module_scope)

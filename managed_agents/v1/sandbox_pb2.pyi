@@ -150,6 +150,7 @@ class Resources(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     REPOSITORIES_FIELD_NUMBER: _builtins.int
     SECRETS_FIELD_NUMBER: _builtins.int
+    DISK_BYTES_FIELD_NUMBER: _builtins.int
     memory_bytes: _builtins.int
     """Optional. Memory limit of the whole sandbox, in bytes. Default 1 GiB; at least 16 MiB."""
     max_processes: _builtins.int
@@ -160,9 +161,16 @@ class Resources(_message.Message):
     """Optional. Network access from inside the sandbox. Default `NETWORK_POLICY_NONE`."""
     image: _builtins.str
     """Optional. Container image for the `docker` backend (e.g. `localhost/managed-agents-sandbox:1`); ignored by `bwrap`."""
+    disk_bytes: _builtins.int
+    """Optional. Disk quota of the sandbox in bytes: /workspace and /tmp live on one filesystem of this size, and a
+    write past it fails inside the sandbox with "No space left on device" (the call's output says the disk is
+    full). Default 4 GiB; at least 64 MiB, at most 1 TiB.
+    """
     @_builtins.property
     def command_timeout(self) -> _duration_pb2.Duration:
-        """Optional. Default time limit of one `Execute` call; a call may ask for less. Default 120 s; at most 1 h."""
+        """Optional. Time limit of one `Execute` call, and the ceiling of any call's own `timeout`: a call may ask
+        for less, never more. Default 120 s; at most 1 h.
+        """
 
     @_builtins.property
     def idle_ttl(self) -> _duration_pb2.Duration:
@@ -196,10 +204,11 @@ class Resources(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         repositories: _abc.Iterable[Global___Repository] | None = ...,
         secrets: _abc.Iterable[Global___SandboxSecret] | None = ...,
+        disk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command_timeout", b"command_timeout", "idle_ttl", b"idle_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_timeout", b"command_timeout", "cpu_millis", b"cpu_millis", "idle_ttl", b"idle_ttl", "image", b"image", "labels", b"labels", "max_processes", b"max_processes", "memory_bytes", b"memory_bytes", "network", b"network", "repositories", b"repositories", "secrets", b"secrets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_timeout", b"command_timeout", "cpu_millis", b"cpu_millis", "disk_bytes", b"disk_bytes", "idle_ttl", b"idle_ttl", "image", b"image", "labels", b"labels", "max_processes", b"max_processes", "memory_bytes", b"memory_bytes", "network", b"network", "repositories", b"repositories", "secrets", b"secrets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -285,6 +294,7 @@ class Sandbox(_message.Message):
     LOST_REASON_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     HANDS_INSTANCE_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Sandbox id, `sbx_` followed by 26 base32 characters."""
     state: Global___SandboxState.ValueType
@@ -311,6 +321,10 @@ class Sandbox(_message.Message):
     def last_used_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the last `Execute` finished (or `create_time` before any)."""
 
+    @_builtins.property
+    def isolation(self) -> Global___SandboxIsolation:
+        """Output only. What confines the sandbox's processes on its host."""
+
     def __init__(
         self,
         *,
@@ -324,14 +338,61 @@ class Sandbox(_message.Message):
         lost_reason: _builtins.str = ...,
         session_id: _builtins.str = ...,
         hands_instance: _builtins.str = ...,
+        isolation: Global___SandboxIsolation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_used_time", b"last_used_time", "resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "isolation", b"isolation", "last_used_time", b"last_used_time", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "create_time", b"create_time", "enforcement", b"enforcement", "hands_instance", b"hands_instance", "id", b"id", "last_used_time", b"last_used_time", "lost_reason", b"lost_reason", "resources", b"resources", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "create_time", b"create_time", "enforcement", b"enforcement", "hands_instance", b"hands_instance", "id", b"id", "isolation", b"isolation", "last_used_time", b"last_used_time", "lost_reason", b"lost_reason", "resources", b"resources", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Sandbox: _TypeAlias = Sandbox  # noqa: Y015
+
+@_typing.final
+class SandboxIsolation(_message.Message):
+    """How a sandbox is confined on its host, beyond its resource limits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_NAMESPACE_FIELD_NUMBER: _builtins.int
+    HOST_UID_FIELD_NUMBER: _builtins.int
+    HOST_GID_FIELD_NUMBER: _builtins.int
+    SYSCALL_FILTER_FIELD_NUMBER: _builtins.int
+    READ_ONLY_SYSTEM_FIELD_NUMBER: _builtins.int
+    user_namespace: _builtins.bool
+    """Output only. True if the sandbox's processes run in a user namespace of their own, so that no uid inside
+    (root included) is a uid of the host.
+    """
+    host_uid: _builtins.int
+    """Output only. Host uid the sandbox's processes run as; one of the hands server's range, held by no other
+    sandbox. 0 if the backend does not give sandboxes identities of their own.
+    """
+    host_gid: _builtins.int
+    """Output only. Host gid the sandbox's processes run as (the same number as `host_uid`)."""
+    syscall_filter: _builtins.str
+    """Output only. The system call filter, for humans (e.g. "seccomp: 61 system calls refused (...)"); empty if
+    none is applied by hands (a container engine may apply its own default).
+    """
+    read_only_system: _builtins.bool
+    """Output only. True if the system directories the sandbox sees (and the container's root filesystem) are
+    read-only.
+    """
+    def __init__(
+        self,
+        *,
+        user_namespace: _builtins.bool = ...,
+        host_uid: _builtins.int = ...,
+        host_gid: _builtins.int = ...,
+        syscall_filter: _builtins.str = ...,
+        read_only_system: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_gid", b"host_gid", "host_uid", b"host_uid", "read_only_system", b"read_only_system", "syscall_filter", b"syscall_filter", "user_namespace", b"user_namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SandboxIsolation: _TypeAlias = SandboxIsolation  # noqa: Y015
 
 @_typing.final
 class ToolSpec(_message.Message):
