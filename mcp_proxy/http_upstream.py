@@ -37,7 +37,8 @@ def host_allowed(url: str, allowed: Sequence[str]) -> bool:
 
 class UpstreamHttp:
     """A lazily opened `aiohttp` session for relayed requests: no automatic decompression (bodies pass as they
-    are), a connect timeout, and no overall one (a clone or a download may take long)."""
+    are; the egress relay decodes what it must read itself, within bounds), a connect timeout, and no overall
+    one (a clone or a download may take long)."""
 
     def __init__(self, *, ca_file: Path | None = None) -> None:
         self._ca_file = ca_file
