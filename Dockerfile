@@ -5,9 +5,10 @@
 FROM python:3.11-slim-bookworm
 
 # bubblewrap: the hands' sandboxes; git: repositories cloned into sandboxes (through the relay);
-# util-linux (nsenter): the relay's door into a sandbox's network; ca-certificates: HTTPS to Claude and MCP.
+# util-linux (nsenter, setpriv): the relay's door into a sandbox's network, and dropping to a sandbox's identity;
+# mount, e2fsprogs: each sandbox's disk (a loop-mounted ext4 image); ca-certificates: HTTPS to Claude and MCP.
 RUN apt-get update \
- && apt-get install --yes --no-install-recommends bubblewrap git util-linux ca-certificates \
+ && apt-get install --yes --no-install-recommends bubblewrap git util-linux mount e2fsprogs ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/managed-agents

@@ -7,6 +7,7 @@ import os
 
 from opentelemetry.sdk.trace import TracerProvider
 
+from hands import disk
 from hands.backend import Limits, SandboxBackend
 from hands.config import HandsConfig
 from hands.identities import Identities, Identity
@@ -58,6 +59,11 @@ async def start(
     config: HandsConfig, tracer_provider: TracerProvider | None, *, backend: SandboxBackend | None = None
 ) -> HandsServer:
     """Adopts sandboxes left on disk, then serves."""
+    if missing := disk.tools_missing():
+        raise RuntimeError(
+            f"{', '.join(missing)} not found: each sandbox's disk is an ext4 image hands formats and mounts; "
+            "install e2fsprogs and mount (make run/test do it)"
+        )
     backend = backend or make_backend(config)
     defaults = Limits(
         image=config.default_image if backend.name == "docker" else "", disk_bytes=config.default_disk_bytes

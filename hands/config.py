@@ -181,10 +181,10 @@ class HandsConfig:
         parser.add_argument(
             "--without-user-namespace",
             action="store_true",
-            default=environ.get("HANDS_WITHOUT_USER_NAMESPACE", "") in ("1", "true", "yes"),
+            default=environ.get("HANDS_WITHOUT_USER_NAMESPACE", "") in ("1", "true"),
             help="on a host that cannot give sandboxes a user namespace, run them anyway as unprivileged host uids "
             "without one (they lose the namespace: their uid is the same inside and out); without this flag "
-            "hands refuses to start there [env HANDS_WITHOUT_USER_NAMESPACE=1]",
+            "hands refuses to start there [env: HANDS_WITHOUT_USER_NAMESPACE=1]",
         )
         flag("--port-file", "HANDS_PORT_FILE", None, "write the bound host:port here once serving", type=Path)
         flag("--grace", "HANDS_GRACE", d.grace_seconds, "seconds in-flight calls get on SIGTERM", type=float)

@@ -47,12 +47,18 @@ class DiskUsage:
         return self.size - self.used < FULL_BELOW
 
 
+def _tool(name: str) -> str | None:
+    # Administrative programs live in sbin, which a service's PATH may leave out.
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+
+
 def tools_missing() -> list[str]:
     """The programs a disk needs that this host lacks."""
-    return [tool for tool in ("mkfs.ext4", "mount", "umount") if shutil.which(tool) is None]
+    return [tool for tool in ("mkfs.ext4", "mount", "umount") if _tool(tool) is None]
 
 
 def _run(argv: list[str]) -> None:
+    argv = [_tool(argv[0]) or argv[0], *argv[1:]]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:

@@ -12,8 +12,10 @@ import enum
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 
 class ExecStatus(enum.IntEnum):
@@ -39,6 +41,23 @@ class ExecResult:
     sandbox_lost: bool = False
 
 
+def call_fingerprint(name: str, tool_input: Mapping[str, Any]) -> str:
+    """What an execution id stands for: the tool and its input. A retry sends the same; anything else reusing
+    the id is a different call, refused rather than answered with the first call's result."""
+    canonical = json.dumps({"name": name, "input": tool_input}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What the log knows of an execution id: its result (None while started but not finished) and the
+    fingerprint of the call it was given to (empty for records of an older hands)."""
+
+    name: str
+    fingerprint: str
+    result: ExecResult | None
+
+
 class ExecutionLog:
     """The execution records of one sandbox."""
 
@@ -56,24 +75,32 @@ class ExecutionLog:
         tmp.write_text(json.dumps(record))
         os.replace(tmp, path)
 
-    def lookup(self, execution_id: str) -> ExecResult | str | None:
-        """The stored result, the tool name of a call started but never finished, or None if never seen."""
+    def lookup(self, execution_id: str) -> Recorded | None:
+        """What is recorded of the id (a call started but never finished has no result), or None if never seen."""
         try:
             record = json.loads(self._path(execution_id).read_text())
         except FileNotFoundError:
             return None
+        name, fingerprint = str(record.get("name", "")), str(record.get("fingerprint", ""))
         if record.get("state") == "started":
-            return str(record.get("name", ""))
+            return Recorded(name, fingerprint, None)
         result = dict(record["result"])
         result["status"] = ExecStatus(result["status"])
-        return ExecResult(**result)
+        return Recorded(name, fingerprint, ExecResult(**result))
 
-    def started(self, execution_id: str, name: str) -> None:
+    def started(self, execution_id: str, name: str, fingerprint: str) -> None:
         """Records that the call is about to run."""
-        self._write(execution_id, {"state": "started", "id": execution_id, "name": name})
+        self._write(execution_id, {"state": "started", "id": execution_id, "name": name, "fingerprint": fingerprint})
 
-    def finished(self, execution_id: str, name: str, result: ExecResult) -> None:
+    def finished(self, execution_id: str, name: str, fingerprint: str, result: ExecResult) -> None:
         """Records the call's result."""
         stored = asdict(result)
         stored["status"] = int(result.status)
-        self._write(execution_id, {"state": "finished", "id": execution_id, "name": name, "result": stored})
+        record: dict[str, object] = {
+            "state": "finished",
+            "id": execution_id,
+            "name": name,
+            "fingerprint": fingerprint,
+            "result": stored,
+        }
+        self._write(execution_id, record)

@@ -27,12 +27,12 @@ from hands import disk
 from hands.backend import CONTROL_MOUNT, Limits, SandboxBackend, SandboxPaths
 from hands.doors import EGRESS_PORT, GIT_PORT, SandboxDoors, door_socket
 from hands.egress_relay import EgressRelays, SandboxEgress, SecretPlaceholder, sandbox_environment
-from hands.executions import ExecResult, ExecStatus, ExecutionLog
+from hands.executions import ExecResult, ExecStatus, ExecutionLog, call_fingerprint
 from hands.git_relay import GitRelays, Repository, SandboxRelay
 from hands.identities import Identities, Identity
 from hands.shell import Shell, write_driver
 from hands.tools import bash, text_editor
-from managed_agents.mesh.errors import FailedPrecondition, SandboxNotFound, SandboxUnavailable
+from managed_agents.mesh.errors import FailedPrecondition, IdempotencyKeyReused, SandboxNotFound, SandboxUnavailable
 from managed_agents.mesh.ids import SANDBOX_PREFIX, new_id
 from mcp_proxy.client import McpProxyClient
 
@@ -61,6 +61,7 @@ class Sandbox:
     identity: Identity | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     inflight: dict[str, asyncio.Task[ExecResult]] = field(default_factory=dict)
+    inflight_calls: dict[str, str] = field(default_factory=dict)  # execution id -> call fingerprint
     executions: ExecutionLog | None = None
     oom_seen: int = 0
     repositories: list[Repository] = field(default_factory=list)
@@ -401,13 +402,17 @@ class SandboxManager:
         """Runs a tool call once; a repeated execution id returns (or waits for) the first call's result."""
         sandbox = await self.refresh(self.get(sandbox_id))
         assert sandbox.executions is not None
+        fingerprint = call_fingerprint(name, tool_input)
         running = sandbox.inflight.get(execution_id)
         if running is not None:
+            self._same_call(execution_id, sandbox.inflight_calls.get(execution_id, ""), fingerprint)
             return replace(await asyncio.shield(running), replayed=True)
         known = sandbox.executions.lookup(execution_id)
-        if isinstance(known, ExecResult):
-            return replace(known, replayed=True)
-        if isinstance(known, str):
+        if known is not None:
+            self._same_call(execution_id, known.fingerprint, fingerprint)
+        if known is not None and known.result is not None:
+            return replace(known.result, replayed=True)
+        if known is not None:
             return ExecResult(
                 output="This call was interrupted when the hands server running it stopped; whether it took "
                 "effect is unknown, and it was not re-run.",
@@ -423,21 +428,37 @@ class SandboxManager:
                 status=ExecStatus.REJECTED,
                 sandbox_lost=True,
             )
-        task = asyncio.create_task(self._execute_now(sandbox, execution_id, name, tool_input, timeout))
+        task = asyncio.create_task(self._execute_now(sandbox, execution_id, fingerprint, name, tool_input, timeout))
         sandbox.inflight[execution_id] = task
+        sandbox.inflight_calls[execution_id] = fingerprint
+
+        def forget(_: object = None) -> None:
+            sandbox.inflight.pop(execution_id, None)
+            sandbox.inflight_calls.pop(execution_id, None)
+
         try:
             # Shielded: a caller that goes away must not cut the call short; a retry will collect the result.
             return await asyncio.shield(task)
         finally:
             if task.done():
-                sandbox.inflight.pop(execution_id, None)
+                forget()
             else:
-                task.add_done_callback(lambda _: sandbox.inflight.pop(execution_id, None))
+                task.add_done_callback(forget)
+
+    @staticmethod
+    def _same_call(execution_id: str, recorded: str, asked: str) -> None:
+        """Refuses an execution id reused for another call (records of an older hands carry no fingerprint)."""
+        if recorded and recorded != asked:
+            raise IdempotencyKeyReused(
+                f"execution id {execution_id!r} was already used for a different call (another tool or input) in "
+                "this sandbox; a retry must send the same call, and a new call needs a new id"
+            )
 
     async def _execute_now(
         self,
         sandbox: Sandbox,
         execution_id: str,
+        fingerprint: str,
         name: str,
         tool_input: Mapping[str, Any],
         timeout: float | None,
@@ -452,7 +473,7 @@ class SandboxManager:
                     status=ExecStatus.REJECTED,
                 )
             else:
-                sandbox.executions.started(execution_id, name)
+                sandbox.executions.started(execution_id, name, fingerprint)
                 if name == bash.NAME:
                     # The sandbox's command_timeout is a ceiling no call can raise, only lower.
                     ceiling = sandbox.limits.command_timeout_s
@@ -474,7 +495,7 @@ class SandboxManager:
                     )
                     result = ExecResult(edited.output, edited.is_error, ExecStatus.COMPLETED)
             result = replace(result, duration_s=time.monotonic() - started)
-            sandbox.executions.finished(execution_id, name, result)
+            sandbox.executions.finished(execution_id, name, fingerprint, result)
             sandbox.last_used = time.time()
             return result
 

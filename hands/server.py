@@ -276,7 +276,13 @@ class HandsServicer(hands_pb2_grpc.HandsServiceServicer):
         if request.state not in sandbox_pb2.SandboxState.values():
             raise InvalidArgument.field("state", f"{request.state} is not a known SandboxState")
         size = min(request.page_size or 100, 1000)
-        start = int(paging.decode(request.page_token, {"s": request.state})["o"]) if request.page_token else 0
+        start = 0
+        if request.page_token:
+            offset = paging.decode(request.page_token, {"s": request.state}).get("o")
+            # A token is caller input: a forged one must be refused, not crash the listing.
+            if type(offset) is not int or not 0 <= offset <= 1 << 31:
+                raise InvalidArgument.field("page_token", "is not a token this server issued")
+            start = offset
         chosen = []
         for sandbox in self._manager.list():
             await self._manager.refresh(sandbox)
