@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hands import disk
-from hands.backend import CONTROL_MOUNT, Limits, SandboxBackend, SandboxPaths
+from hands.backend import CONTROL_MOUNT, DISKS, Limits, SandboxBackend, SandboxPaths
 from hands.doors import EGRESS_PORT, GIT_PORT, SandboxDoors, door_socket
 from hands.egress_relay import EgressRelays, SandboxEgress, SecretPlaceholder, sandbox_environment
 from hands.executions import ExecResult, ExecStatus, ExecutionLog, call_fingerprint
@@ -162,6 +162,9 @@ class SandboxManager:
         if self._identities is not None:
             kept = [s.id for s in self._sandboxes.values() if s.identity is not None and s.state != DESTROYED]
             self._identities.sweep(kept)
+        known = {s.id for s in self._sandboxes.values() if s.state != DESTROYED}
+        if swept := await asyncio.to_thread(disk.sweep, DISKS, self._root, known):
+            log.info("unmounted %d sandbox disk(s) that earlier servers left behind", swept)
         self._reaper = asyncio.create_task(self._reap_idle(), name="idle-reaper")
 
     async def _adopt(self, sandbox: Sandbox) -> None:
@@ -281,7 +284,14 @@ class SandboxManager:
             if self._identities is not None:
                 sandbox.identity = self._identities.claim(sandbox_id)
             try:
-                await asyncio.to_thread(disk.create, paths.image, paths.mount, limits.disk_bytes, sandbox.identity)
+                await asyncio.to_thread(
+                    disk.create,
+                    paths.image,
+                    paths.mount,
+                    limits.disk_bytes,
+                    sandbox.identity,
+                    templates=self._root / ".disk-templates",
+                )
             except (OSError, disk.DiskError) as error:
                 raise SandboxUnavailable(f"cannot make the sandbox's disk: {error}") from None
             await self.backend.create(sandbox_id, paths, limits, sandbox.identity)

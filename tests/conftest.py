@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,9 @@ import pytest
 from brain import app as brain_app
 from brain.config import BrainConfig
 from hands import app as hands_app
+from hands import disk
 from hands.app import HandsServer
+from hands.backend import DISKS
 from hands.client import HandsClient
 from hands.config import HandsConfig
 from managed_agents.standin.script import Script
@@ -27,6 +30,18 @@ from tests.helpers import ServiceProcess
 from tests.mcp_proxy.servers import Upstream
 from tests.pg import fresh_database, postgres_cluster
 from tests.podman import podman_service
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sandbox_disks_unmounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Unmounts, at the end of the run, the disks of sandboxes the tests left (servers killed on purpose, work
+    roots in tmp dirs): each holds a loop device until unmounted, and many slow every later mount."""
+    yield
+    base = str(tmp_path_factory.getbasetemp().resolve())
+    for mounted in disk.mounted(DISKS):
+        if mounted.image.startswith(base) or mounted.image_deleted:
+            with contextlib.suppress(disk.DiskError):
+                disk.unmount(mounted.mountpoint)
 
 
 @pytest.fixture
