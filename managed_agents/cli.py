@@ -1,16 +1,24 @@
 """`managed-agents`: run the mesh, run agent sessions, and inspect them from a terminal.
 
 Exit codes: 0 success; 1 the mesh refused the request or the turn ended in an error; 2 bad command line;
-3 a service could not be reached; 130 interrupted.
+3 a service could not be reached; 130 interrupted (Ctrl-C). `up` and `demo` stop their mesh on SIGTERM and
+SIGHUP as on Ctrl-C and exit 128 + the signal's number: 143 for SIGTERM, 129 for SIGHUP.
+
+Whatever came from a session (events, titles, tool output, error messages of services) is printed through
+`managed_agents.terminal_text.visible`, with its control characters written out, so that it cannot drive the
+terminal; `--json` output keeps it exact, escaped as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -40,6 +48,7 @@ from managed_agents.mesh.tls import (
     write_dev_certs,
 )
 from managed_agents.render import Renderer
+from managed_agents.terminal_text import event_line, json_text, visible
 from managed_agents.v1 import brain_pb2, events_pb2, sandbox_pb2, session_pb2
 from session_store.client import SessionStoreClient
 
@@ -74,7 +83,7 @@ def _tls() -> MeshTls | None:
 
 def _json_line(message: Message) -> str:
     fields = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return json.dumps(fields, ensure_ascii=False)
+    return json_text(json.dumps(fields, ensure_ascii=False))
 
 
 def _status_name(value: int) -> str:
@@ -98,7 +107,8 @@ async def _sessions_list(args: argparse.Namespace) -> int:
     for session in page.sessions:
         created = session.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
         print(
-            f"{session.id:<32} {_status_name(session.status):<13} {session.last_seq:>6}  {created:<20} {session.title}"
+            f"{visible(session.id, oneline=True):<32} {_status_name(session.status):<13} {session.last_seq:>6}  "
+            f"{created:<20} {visible(session.title, oneline=True)}"
         )
     return EXIT_OK
 
@@ -113,16 +123,16 @@ async def _sessions_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     renderer = Renderer.for_terminal(sys.stdout.isatty())
     print(
-        renderer.paint(f"session {session.id}", "bold"),
+        renderer.paint(f"session {visible(session.id, oneline=True)}", "bold"),
         f"({_status_name(session.status)}, {session.last_seq} events)",
     )
     if session.title:
-        print(f"title: {session.title}")
+        print(f"title: {visible(session.title, oneline=True)}")
     for event in log:
-        print(renderer.line(event))
+        print(event_line(renderer, event))
         if args.traces:
             trace = f"trace {event.trace_id} span {event.span_id}" if event.trace_id else "(not traced)"
-            print(renderer.paint(f"       {trace}", "dim"))
+            print(renderer.paint(f"       {visible(trace, oneline=True)}", "dim"))
     return EXIT_OK
 
 
@@ -130,14 +140,14 @@ async def _sessions_tail(args: argparse.Namespace) -> int:
     renderer = Renderer.for_terminal(sys.stdout.isatty())
     async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret(), tls=_tls()) as store:
         async for event in store.watch(args.session_id, after_seq=args.after):
-            print(_json_line(event) if args.json else renderer.line(event), flush=True)
+            print(_json_line(event) if args.json else event_line(renderer, event), flush=True)
     return EXIT_OK
 
 
 async def _sessions_create(args: argparse.Namespace) -> int:
     async with SessionStoreClient.connect(_address(args, "store"), mesh_secret=_secret(), tls=_tls()) as store:
         session = await store.create_session(session_id=args.id or "", title=args.title or "", agent=_agent(args))
-    print(_json_line(session) if args.json else session.id)
+    print(_json_line(session) if args.json else visible(session.id, oneline=True))
     return EXIT_OK
 
 
@@ -267,7 +277,7 @@ async def _drive_turn(
         BrainClient.connect(brain_address, tracer_provider=tracer_provider, mesh_secret=_secret(), tls=_tls()) as brain,
     ):
         session = await store.create_session(title=title or prompt[:80], agent=agent)
-        say(f"session {session.id}")
+        say(f"session {visible(session.id, oneline=True)}")
         await store.emit(session.id, events.user_message(prompt, producer="cli"))
         follower = TurnFollower(store, renderer, json_lines=json_lines)
         following = asyncio.create_task(follower.follow(session.id, after_seq=0))
@@ -313,7 +323,8 @@ async def _health(args: argparse.Namespace) -> int:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 print(f"{args.address} does not serve {args.service}", file=sys.stderr)
                 return EXIT_REFUSED
-            print(f"{args.address} cannot be reached: {error.details() or error.code().name}", file=sys.stderr)
+            details = visible(error.details() or error.code().name)
+            print(f"{args.address} cannot be reached: {details}", file=sys.stderr)
             return EXIT_UNREACHABLE
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
     print(f"{args.address}{' ' + args.service if args.service else ''}: {status}")
@@ -327,6 +338,58 @@ async def _interrupt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Stop(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP, raised where `up` or `demo` is: they stop their mesh."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _exit_code(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal's number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
+
+
+def _say(text: str) -> None:
+    """Prints, unless the terminal is gone (after a hangup): stopping the mesh matters more."""
+    with contextlib.suppress(OSError):
+        print(text, flush=True)
+
+
+def _with_mesh(mesh: LocalMesh, body: Callable[[], int], *, stopping: str) -> int:
+    """Runs `body`, which starts `mesh` and uses it, then stops the mesh however `body` ended.
+
+    Ctrl-C, SIGTERM and SIGHUP all end it the same way, and the exit code says which (`_exit_code`); once the
+    mesh is stopping, another of them kills what is left of it instead of waiting for a graceful stop. A signal
+    ignored when the command started (`nohup`, a shell's background job) stays ignored.
+    """
+    stopping_now = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping_now
+        if stopping_now:
+            mesh.kill()
+        else:
+            stopping_now = True
+            raise _Stop(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for signum, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(signum, on_signal)
+    try:
+        return body()
+    except KeyboardInterrupt as interrupt:
+        return _exit_code(interrupt)
+    finally:
+        stopping_now = True
+        _say(stopping)
+        mesh.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 def _up(args: argparse.Namespace) -> int:
     home = mesh_home(os.environ)
     mesh = LocalMesh(home, os.environ, say=print)
@@ -335,24 +398,17 @@ def _up(args: argparse.Namespace) -> int:
             "ANTHROPIC_API_KEY is not set: the brain talks to a local stand-in that plays a scripted demo. "
             "Set ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL if needed) to use Claude."
         )
-    mesh.start(standin_script=args.script, hands_backend=args.backend)
-    print(f'the mesh is up; data and logs in {home}/. Try: managed-agents run "{DEMO_PROMPT}"')
-    print("Ctrl-C stops it.")
-    try:
-        asyncio.run(_wait_forever(mesh))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        print("\nstopping the mesh...")
-        mesh.stop()
-    return EXIT_OK
 
+    def serve() -> int:
+        mesh.start(standin_script=args.script, hands_backend=args.backend)
+        print(f'the mesh is up; data and logs in {home}/. Try: managed-agents run "{DEMO_PROMPT}"')
+        print("Ctrl-C (or SIGTERM, SIGHUP) stops it.", flush=True)
+        while not (dead := mesh.dead()):
+            time.sleep(0.5)
+        print(f"error: {', '.join(dead)} exited; see the logs in {mesh.home}/logs", file=sys.stderr)
+        return EXIT_REFUSED
 
-async def _wait_forever(mesh: LocalMesh) -> None:
-    while True:
-        await asyncio.sleep(1)
-        if dead := mesh.dead():
-            raise SystemExit(f"error: {', '.join(dead)} exited; see the logs in {mesh.home}/logs")
+    return _with_mesh(mesh, serve, stopping="\nstopping the mesh...")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -365,24 +421,23 @@ def _demo(args: argparse.Namespace) -> int:
             "speaks the Messages API and follows a fixed demo script; the store, brain and hands are real.\n"
             "Set ANTHROPIC_API_KEY to run the same demonstration with Claude.\n"
         )
-    print("starting the mesh: each service is its own process on a free loopback port")
-    mesh.start(standin_script="demo", hands_backend=args.backend)
-    print()
-    try:
-        assert mesh.addresses is not None
+
+    def run_demo() -> int:
+        print("starting the mesh: each service is its own process on a free loopback port")
+        addresses = mesh.start(standin_script="demo", hands_backend=args.backend)
+        print()
         return asyncio.run(
             _run_prompt(
-                mesh.addresses.store,
-                mesh.addresses.brain,
+                addresses.store,
+                addresses.brain,
                 args.prompt or DEMO_PROMPT,
                 title="demo",
                 json_lines=False,
                 say=print,
             )
         )
-    finally:
-        print("\nstopping the mesh")
-        mesh.stop()
+
+    return _with_mesh(mesh, run_demo, stopping="\nstopping the mesh")
 
 
 # Services --------------------------------------------------------------------------------------------------
@@ -418,7 +473,10 @@ def _parser() -> argparse.ArgumentParser:
         "that `managed-agents up` started here (.managed-agents/mesh.json). The mesh secret comes from "
         "MANAGED_AGENTS_MESH_SECRET_FILE (or _SECRET), else from that mesh; mutual TLS is on when "
         "MANAGED_AGENTS_TLS_DIR names the mesh's certificates. Exit codes: 0 ok, 1 refused or "
-        "the turn failed, 2 bad usage, 3 unreachable, 130 interrupted.",
+        "the turn failed, 2 bad usage, 3 unreachable, 130 interrupted (Ctrl-C); `up` and `demo` stop their mesh "
+        "on SIGTERM and SIGHUP as on Ctrl-C and exit 143 and 129 (128 + the signal's number). Text from sessions "
+        "is printed with control characters written out (ESC as \\x1b, a bidi override as \\u202e); --json keeps "
+        "it exact.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, text in (
@@ -429,7 +487,14 @@ def _parser() -> argparse.ArgumentParser:
     ):
         commands.add_parser(name, help=f"{text} (its own flags: `managed-agents {name} --help`)", add_help=False)
 
-    up = commands.add_parser("up", help="start store, hands, mcp_proxy and brain as local processes until Ctrl-C")
+    up = commands.add_parser(
+        "up",
+        help="start store, hands, mcp_proxy and brain as local processes until Ctrl-C",
+        description="Starts the mesh as local processes and keeps it until Ctrl-C (exit 130), SIGTERM (exit 143) "
+        "or SIGHUP (exit 129), which all stop every service (SIGTERM, then SIGKILL after 10 s; a second signal "
+        "kills them at once) and remove mesh.json. If `up` itself is killed, a watchdog process stops the "
+        "services.",
+    )
     up.add_argument("--backend", default="bwrap", choices=["bwrap", "docker", "local"], help="sandbox backend")
     up.add_argument("--script", default="demo", help="stand-in script when ANTHROPIC_API_KEY is unset")
     demo = commands.add_parser("demo", help="start the mesh, run one agent session end to end, stop the mesh")
@@ -564,22 +629,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = asyncio.run(_SESSION_ACTIONS[args.action](args))
         else:
             code = asyncio.run(_ASYNC[args.command](args))
-    except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt as interrupt:
+        code = _exit_code(interrupt)
     except Unavailable as error:
         print(
-            f"error: cannot reach the mesh: {error} (is it running? `managed-agents up` starts one)",
+            f"error: cannot reach the mesh: {visible(str(error))} (is it running? `managed-agents up` starts one)",
             file=sys.stderr,
         )
         code = EXIT_UNREACHABLE
     except MeshError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {visible(str(error))}", file=sys.stderr)
         code = EXIT_REFUSED
     except (MeshSecretError, MeshTlsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {visible(str(error))}", file=sys.stderr)
         code = EXIT_USAGE
     except (RuntimeError, TimeoutError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {visible(str(error))}", file=sys.stderr)
         code = EXIT_REFUSED
     raise SystemExit(code)
 

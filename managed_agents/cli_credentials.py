@@ -15,6 +15,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from managed_agents.mesh.tls import MeshTls
+from managed_agents.terminal_text import visible
 from managed_agents.v1 import mcp_proxy_pb2
 from mcp_proxy.client import McpProxyClient
 
@@ -101,16 +102,17 @@ async def run(args: argparse.Namespace, address: str, mesh_secret: str, tls: Mes
                 allowed_hosts=args.host,
             )
             stored = await proxy.put_credential(credential, secret)
-            print(f"stored credential {stored.name} ({args.kind})")
+            print(f"stored credential {visible(stored.name, oneline=True)} ({args.kind})")
         elif args.action == "list":
             listed = await proxy.list_credentials()
             for credential in listed:
                 if args.json:
                     fields = json_format.MessageToDict(credential, preserving_proto_field_name=True)
-                    print(json.dumps(fields))
+                    print(json.dumps(fields))  # ensure_ascii: every control character escaped
                 else:
-                    where = credential.mcp_server_url or ", ".join(credential.allowed_hosts)
-                    print(f"{credential.name:<24} {_KIND_NAMES.get(credential.kind, '?'):<8} {where}")
+                    where = visible(credential.mcp_server_url or ", ".join(credential.allowed_hosts), oneline=True)
+                    name = visible(credential.name, oneline=True)
+                    print(f"{name:<24} {_KIND_NAMES.get(credential.kind, '?'):<8} {where}")
             if not listed and not args.json:
                 print("no credentials")
         else:

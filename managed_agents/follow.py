@@ -13,6 +13,7 @@ from typing import TextIO
 from google.protobuf import json_format
 
 from managed_agents.render import Renderer
+from managed_agents.terminal_text import event_line
 from managed_agents.v1 import events_pb2
 from session_store.client import SessionStoreClient
 
@@ -88,9 +89,10 @@ class TurnFollower:
                     outcome.errors.append(event.session_error.message)
                 self._clear_progress()
                 if self._json:
+                    # ensure_ascii (the default) escapes every control character: nothing raw reaches the terminal.
                     self._out.write(json_format.MessageToJson(event, indent=None) + "\n")
                 else:
-                    self._out.write(self._renderer.line(event) + "\n")
+                    self._out.write(event_line(self._renderer, event) + "\n")
                 self._out.flush()
                 if kind == "session_status_idle":
                     outcome.stop_reason = event.session_status_idle.stop_reason
