@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
 from brain.context import ContextPolicy, tool_input
@@ -34,6 +35,7 @@ from brain.tools import SESSION_TOOL, Route, ToolSet, render_events, session_rea
 from managed_agents import events as vocab
 from managed_agents.mesh.errors import (
     DeadlineExceeded,
+    InvalidArgument,
     LeaseFenced,
     LeaseHeld,
     MeshError,
@@ -127,6 +129,27 @@ def _struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(value)
     return struct
+
+
+# The store decodes each event inside its request, and protobuf decodes at most 100 nested messages, three of
+# them per level of a JSON object: a tool input nested deeper than this cannot be logged (nor, a little deeper,
+# even built here).
+_DEEPEST_INPUT = "about 30 levels of JSON objects"
+
+
+def _loggable_input(value: Mapping[str, Any]) -> tuple[struct_pb2.Struct, str]:
+    """A tool call's input as the log can hold it; or, if it cannot, an empty input and why."""
+    try:
+        struct = _struct(value)
+        probe = events_pb2.Event(agent_tool_use=events_pb2.AgentToolUse(input=struct))
+        session_pb2.BatchEmitEventsRequest.FromString(
+            session_pb2.BatchEmitEventsRequest(events=[probe]).SerializeToString()
+        )
+    except (DecodeError, RecursionError):
+        return struct_pb2.Struct(), f"it is nested deeper than the session log can hold ({_DEEPEST_INPUT} at most)"
+    except (TypeError, ValueError) as error:  # e.g. a string that is not valid Unicode
+        return struct_pb2.Struct(), f"it is not JSON the session log can hold ({type(error).__name__}: {error})"
+    return struct, ""
 
 
 def _tool_result(
@@ -586,10 +609,34 @@ class SessionRun:
                 span.set_attribute("gen_ai.usage.input_tokens", response.usage.input_tokens)
                 span.set_attribute("gen_ai.usage.output_tokens", response.usage.output_tokens)
                 span.set_attribute("gen_ai.response.finish_reasons", [response.stop_reason])
-            await self._emit(*self._answer_events(response, tools), self._span_end(started, response=response))
+            try:
+                answer, unrecorded = self._answer_events(response, tools)
+            except ValueError as error:  # e.g. text that is not valid Unicode
+                await self._answer_not_logged(started, f"{type(error).__name__}: {error}")
+                return
+            try:
+                # An input the log cannot hold is left out, and its call answered with the error, in the same
+                # append: the model hears why and the turn goes on; asking again would get the same answer.
+                await self._emit(*answer, self._span_end(started, response=response), *unrecorded)
+            except InvalidArgument as refused:  # a limit of the store that the checks here do not know
+                await self._answer_not_logged(started, f"the session store refused it: {refused}")
+                return
             if any(block["type"] == "tool_use" for block in response.content):
                 self._harness.failpoints.hit("brain.after_tool_use_logged")
             return
+
+    async def _answer_not_logged(self, started: float, why: str) -> None:
+        """Ends the turn with why, when the model's answer cannot be logged at all (as a garbled answer does)."""
+        await self._emit(
+            events_pb2.Event(
+                session_error=events_pb2.SessionError(
+                    message=f"the model's answer could not be recorded, so the turn ends: {why}",
+                    kind="model_answer_unrecorded",
+                )
+            ),
+            self._span_end(started, error=True),
+        )
+        await self._finish(events_pb2.STOP_REASON_ERROR)
 
     async def _interruptible(self, work: Awaitable[Any]) -> Any:
         """Awaits `work` unless an interrupt comes first (then `work` is cancelled)."""
@@ -629,8 +676,31 @@ class SessionRun:
         return events_pb2.Event(span_model_request_end=end)
 
     @staticmethod
-    def _answer_events(response: ModelResponse, tools: ToolSet) -> list[events_pb2.Event]:
+    def _answer_events(
+        response: ModelResponse, tools: ToolSet
+    ) -> tuple[list[events_pb2.Event], list[events_pb2.Event]]:
+        """The events of an answer, and those that answer its tool calls whose input the log cannot hold."""
         produced: list[events_pb2.Event] = []
+        unrecorded: list[events_pb2.Event] = []
+
+        def loggable(block: Mapping[str, Any], mcp: bool) -> struct_pb2.Struct:
+            struct, why = _loggable_input(block["input"])
+            if why:
+                unrecorded.append(
+                    events_pb2.Event(
+                        session_error=events_pb2.SessionError(
+                            message=f"the input of tool call {block['id']} ({block['name']}) was not recorded and "
+                            f"the call not run: {why}",
+                            kind="model_answer_unrecorded",
+                        )
+                    )
+                )
+                text = f"This tool call was not run: its input could not be recorded in the session log: {why}."
+                unrecorded.append(
+                    _mcp_result(block["id"], text) if mcp else _tool_result(block["id"], text, is_error=True)
+                )
+            return struct
+
         for block in response.content:
             kind = block["type"]
             if kind == "text":
@@ -668,7 +738,7 @@ class SessionRun:
                             id=block["id"],
                             server_name=mcp_tool.server,
                             name=mcp_tool.remote_name,
-                            input=_struct(block["input"]),
+                            input=loggable(block, mcp=True),
                         )
                     )
                 )
@@ -679,7 +749,7 @@ class SessionRun:
                             message_id=response.id,
                             id=block["id"],
                             name=block["name"],
-                            input=_struct(block["input"]),
+                            input=loggable(block, mcp=False),
                         )
                     )
                 )
@@ -692,7 +762,7 @@ class SessionRun:
                     )
                 )
             )
-        return produced
+        return produced, unrecorded
 
     # Tools -----------------------------------------------------------------------------------------------
 

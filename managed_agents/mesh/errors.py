@@ -2,6 +2,7 @@
 
     MeshError                      code                 reason
     +-- InvalidArgument            INVALID_ARGUMENT     INVALID_ARGUMENT (with field violations)
+    |   +-- UndecodableRequest     INVALID_ARGUMENT     INVALID_ARGUMENT (the bytes are not the request message)
     +-- NotFound
     |   +-- SessionNotFound        NOT_FOUND            SESSION_NOT_FOUND
     |   +-- SandboxNotFound        NOT_FOUND            SANDBOX_NOT_FOUND
@@ -99,6 +100,12 @@ class InvalidArgument(MeshError):
     def field(cls, field: str, description: str) -> InvalidArgument:
         """An error about one field, whose message reads `field: description`."""
         return cls(f"{field}: {description}", violations=[FieldViolation(field, description)])
+
+
+class UndecodableRequest(InvalidArgument):
+    """The bytes a client sent are not an encoding of the RPC's request message (corrupt or truncated
+    protobuf, invalid UTF-8 in a string field, messages nested deeper than protobuf decodes): the server did
+    not process them. Servers raise none themselves: `managed_agents.mesh.decoding` answers with it."""
 
 
 class NotFound(MeshError):

@@ -4,6 +4,11 @@ Servers never build statuses by hand: `ErrorTranslatingServicer` turns a raised 
 carrying `ErrorInfo` (always), `BadRequest` (invalid arguments) and `RetryInfo` (retryable errors), and turns
 any other exception into `INTERNAL` with a sentence and the trace id, logging the traceback instead of
 sending it. Clients call `from_rpc_error` to get the typed `MeshError` back.
+
+Exceptions are not classified by type: a `DecodeError`, `UnicodeDecodeError` or `RecursionError` raised inside
+a servicer may come from the server's own data (stored bytes, an upstream's answer) as well as from the
+request, so it is INTERNAL like any other. A request that does not decode never reaches a servicer:
+`managed_agents.mesh.decoding` answers it INVALID_ARGUMENT, and services validate what did decode.
 """
 
 from __future__ import annotations
@@ -106,7 +111,8 @@ def _internal_error(exc: BaseException) -> Internal:
     return Internal(f"internal error ({type(exc).__name__}); the server log has details under trace {trace_id}")
 
 
-def _record(error: MeshError) -> None:
+def record(error: MeshError) -> None:
+    """Notes on the current span the status a call ends with (an error when the server is at fault)."""
     span = trace.get_current_span()
     span.set_attribute("rpc.grpc.status_code", int(error.code))
     if error.reason:
@@ -133,8 +139,14 @@ class ErrorTranslatingServicer:
         domain = self._domain
 
         async def fail(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+            if context.done():
+                # The call already has its status: something under the servicer aborted it (an undecodable
+                # message in a request stream, `managed_agents.mesh.decoding`) and the servicer caught that
+                # and failed otherwise. There is nothing left to send, and grpcio ends the call as aborted.
+                log.debug("a call that already has its status then raised %r", exc)
+                return
             error = exc if isinstance(exc, MeshError) else _internal_error(exc)
-            _record(error)
+            record(error)
             await context.abort_with_status(rpc_status.to_status(to_status(error, domain=domain)))
 
         if inspect.isasyncgenfunction(method):

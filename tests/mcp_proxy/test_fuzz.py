@@ -278,9 +278,9 @@ async def test_undecodable_request_bytes_do_not_bring_the_server_down(harness: H
         for payload in (b"\xff\xff\xff", b"\x0a\x05ab", bytes(range(256))):
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await call(payload)
-            # grpcio itself answers bytes it cannot parse, before any servicer runs: UNKNOWN, with a sentence.
-            assert raised.value.code() is Code.UNKNOWN
-            assert "Error parsing message" in (raised.value.details() or "")
+            # Bytes that do not decode are refused before any servicer runs (managed_agents/mesh/decoding.py).
+            assert raised.value.code() is Code.INVALID_ARGUMENT
+            assert "could not be decoded as managed_agents.v1." in (raised.value.details() or "")
             assert "Traceback" not in (raised.value.details() or "")
     await channel.close()
     assert len(await harness.client.list_credentials()) == 2
