@@ -1,7 +1,8 @@
 """Typed async client of the session store, for the other services, the CLI and the tests.
 
 Methods return the contract's protobuf messages and raise `MeshError` subclasses (e.g. `SessionNotFound`,
-`LeaseFenced`) rather than raw gRPC errors.
+`LeaseFenced`, and the store's own `DataLoss` and `WatchTooSlow` from `session_store.errors`) rather than raw
+gRPC errors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from managed_agents.mesh.calls import translated_errors
 from managed_agents.mesh.channel import dial
 from managed_agents.mesh.tls import MeshTls
 from managed_agents.v1 import events_pb2, session_pb2, session_pb2_grpc
+from session_store.errors import WatchTooSlow
 from session_store.server import SERVICE_NAME
 
 # Reads are safe to repeat; the channel retries them when the store is briefly unavailable.
@@ -203,15 +205,26 @@ class SessionStoreClient:
             )
         return response
 
-    async def watch(self, session_id: str, *, after_seq: int = 0) -> AsyncIterator[events_pb2.Event]:
-        """Events after `after_seq`, then live ones, until the caller stops iterating."""
-        call = self._stub.WatchSession(session_pb2.WatchSessionRequest(session_id=session_id, after_seq=after_seq))
-        try:
-            with translated_errors():
-                async for response in call:
-                    yield response.event
-        finally:
-            call.cancel()
+    async def watch(
+        self, session_id: str, *, after_seq: int = 0, resume_when_behind: bool = True
+    ) -> AsyncIterator[events_pb2.Event]:
+        """Events after `after_seq`, then live ones, until the caller stops iterating. If the store ends the
+        stream because the caller read too slowly (`WatchTooSlow`), the watch resumes after the last event
+        yielded, so the caller misses nothing; with `resume_when_behind=False` the error is raised instead."""
+        cursor = after_seq
+        while True:
+            call = self._stub.WatchSession(session_pb2.WatchSessionRequest(session_id=session_id, after_seq=cursor))
+            try:
+                with translated_errors():
+                    async for response in call:
+                        cursor = response.event.seq
+                        yield response.event
+                return
+            except WatchTooSlow:
+                if not resume_when_behind:
+                    raise
+            finally:
+                call.cancel()
 
     async def acquire_lease(self, session_id: str, *, holder: str, ttl: float = 0) -> session_pb2.AcquireLeaseResponse:
         """Takes the session's lease (or extends it for the same holder)."""

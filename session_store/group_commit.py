@@ -68,8 +68,12 @@ class GroupCommitter:
             try:
                 results = await self._run_group([q.command for q in group])
             except Exception as exc:
-                log.exception("commit of %d commands failed", len(group))
-                error = Unavailable(f"the session store could not commit ({exc}); nothing was written, retry")
+                if isinstance(exc, MeshError):
+                    # The backend's own verdict on the whole group (e.g. `DataLoss`: the database is corrupt).
+                    error: MeshError = exc
+                else:
+                    log.exception("commit of %d commands failed", len(group))
+                    error = Unavailable(f"the session store could not commit ({exc}); nothing was written, retry")
                 for queued in group:
                     if not queued.future.done():
                         queued.future.set_result(error)

@@ -9,6 +9,10 @@ servers with skewed clocks agree on who holds a session.
 The live tail crosses servers through LISTEN/NOTIFY: a committing transaction notifies `session_id:last_seq`,
 and every server's listener reads the new events of the sessions its watchers follow and hands them to its
 `Tail`. The schema is versioned; `python -m session_store migrate --store-url URL` applies it.
+
+PostgreSQL's own corruption errors (`data_corrupted`, `index_corrupted`) answer `DATA_LOSS`, never a retryable
+code. Unlike SQLite's single file, the damage is the cluster operator's to find (`pg_amcheck`) and is not
+assumed to spread to every call.
 """
 
 from __future__ import annotations
@@ -16,23 +20,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
 
 from managed_agents.mesh.errors import MeshError, SessionAlreadyExists, SessionNotFound
 from session_store import rules
+from session_store.errors import DataLoss
 from session_store.group_commit import GroupCommitter
 from session_store.store import (
     AppendRequest,
     AppendResult,
     SessionCursor,
+    SessionPage,
     SessionRecord,
     SessionStatus,
     StoredEvent,
+    sessions_that_fit,
 )
-from session_store.tail import Tail
+from session_store.tail import MAX_PENDING_BYTES, Tail
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +87,20 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     ),
 )
 LATEST = MIGRATIONS[-1][0]
+_CORRUPTION = (asyncpg.DataCorruptedError, asyncpg.IndexCorruptedError)
+
+
+@contextlib.contextmanager
+def _corruption_is_data_loss(outcome: str) -> Iterator[None]:
+    """Re-raises PostgreSQL's corruption errors (SQLSTATE XX001, XX002) as `DataLoss`."""
+    try:
+        yield
+    except _CORRUPTION as error:
+        log.error("PostgreSQL reports corruption: %s (SQLSTATE %s); %s", error, error.sqlstate, outcome)
+        raise DataLoss(
+            f"the session store's PostgreSQL database reports corruption ({error}); {outcome}. An operator must "
+            "repair the database (check it with pg_amcheck, restore from a backup)"
+        ) from None
 
 
 async def migrate(url: str) -> list[int]:
@@ -157,6 +178,10 @@ class PostgresEventStore:
     # Writes ------------------------------------------------------------------------------------------------
 
     async def _run_group(self, commands: list[rules.Command]) -> list[object]:
+        with _corruption_is_data_loss("this write was not committed"):
+            return await self._run_group_unguarded(commands)
+
+    async def _run_group_unguarded(self, commands: list[rules.Command]) -> list[object]:
         sessions = sorted({rules.command_session(c) for c in commands})
         async with self._pool.acquire() as connection, connection.transaction():
             now = int(await connection.fetchval(f"SELECT {_NOW}"))
@@ -324,11 +349,23 @@ class PostgresEventStore:
                 continue
             if not events or events[0].seq != published + 1:
                 try:
-                    async with self._pool.acquire() as connection:
-                        events = tuple(await self._read(connection, session_id, published, last_seq))
-                except (OSError, asyncpg.PostgresError) as error:
+                    # At most one watcher's queue of bytes: past that, the watchers read the rest themselves.
+                    events = tuple(
+                        await self.read_events(
+                            session_id,
+                            after_seq=published,
+                            until_seq=last_seq,
+                            limit=10_000,
+                            max_bytes=MAX_PENDING_BYTES,
+                        )
+                    )
+                except (OSError, asyncpg.PostgresError, DataLoss) as error:
                     log.warning("tail of %s: cannot read new events (%s); watchers will re-read", session_id, error)
                     self._tail.resync(session_id)
+                    continue
+                if not events or events[-1].seq != last_seq:
+                    self._tail.resync(session_id)
+                    self._published[session_id] = last_seq
                     continue
             self._tail.publish(session_id, events)
             self._published[session_id] = last_seq
@@ -349,10 +386,11 @@ class PostgresEventStore:
         ]
 
     async def get_session(self, session_id: str) -> SessionRecord:
-        async with self._pool.acquire() as connection:
-            row = await connection.fetchrow(
-                f"SELECT {rules.SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id
-            )
+        with _corruption_is_data_loss("nothing was read"):
+            async with self._pool.acquire() as connection:
+                row = await connection.fetchrow(
+                    f"SELECT {rules.SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id
+                )
         if row is None:
             raise SessionNotFound(f"session {session_id} does not exist")
         return rules.record_from_values(tuple(row))
@@ -361,10 +399,11 @@ class PostgresEventStore:
         self,
         *,
         limit: int,
+        max_bytes: int,
         status: SessionStatus | None = None,
         orphaned_only: bool = False,
         after: SessionCursor | None = None,
-    ) -> list[SessionRecord]:
+    ) -> SessionPage:
         where: list[str] = []
         params: list[object] = []
 
@@ -382,30 +421,37 @@ class PostgresEventStore:
         if after is not None:
             t, sid = param(after.create_time_us), param(after.session_id)
             where.append(f"(create_time < {t} OR (create_time = {t} AND session_id < {sid}))")
-        sql = f"SELECT {rules.SESSION_COLUMNS} FROM sessions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY create_time DESC, session_id DESC LIMIT {param(limit)}"
-        async with self._pool.acquire() as connection:
-            rows = await connection.fetch(sql, *params)
-        return [rules.record_from_values(tuple(r)) for r in rows]
+        tail = " WHERE " + " AND ".join(where) if where else ""
+        tail += f" ORDER BY create_time DESC, session_id DESC LIMIT ${len(params) + 1}"
+        with _corruption_is_data_loss("nothing was read"):
+            async with (
+                self._pool.acquire() as connection,
+                connection.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                # Sizes first (octet_length reads a TOASTed value's header only), then as many rows as fit, from
+                # one snapshot.
+                sizes = await connection.fetch("SELECT octet_length(spec) FROM sessions" + tail, *params, limit + 1)
+                count = sessions_that_fit([int(r[0]) for r in sizes], limit, max_bytes)
+                rows = await connection.fetch(f"SELECT {rules.SESSION_COLUMNS} FROM sessions" + tail, *params, count)
+        return SessionPage(tuple(rules.record_from_values(tuple(r)) for r in rows), more=len(sizes) > count)
 
     async def read_events(
         self, session_id: str, *, after_seq: int, until_seq: int, limit: int, max_bytes: int
     ) -> list[StoredEvent]:
         # As in SQLite: a row fits the byte budget if the log grew by at most max_bytes since the cursor.
-        async with self._pool.acquire() as connection:
-            rows = await connection.fetch(
-                "SELECT seq, event_id, type, create_time, body FROM events "
-                "WHERE session_id = $1 AND seq > $2 AND seq <= $3 AND (seq = $2 + 1 OR end_offset <= $5 + "
-                "coalesce((SELECT end_offset FROM events WHERE session_id = $1 AND seq = $2), 0)) "
-                "ORDER BY seq LIMIT $4",
-                session_id,
-                after_seq,
-                until_seq,
-                limit,
-                max_bytes,
-            )
+        with _corruption_is_data_loss("nothing was read"):
+            async with self._pool.acquire() as connection:
+                rows = await connection.fetch(
+                    "SELECT seq, event_id, type, create_time, body FROM events "
+                    "WHERE session_id = $1 AND seq > $2 AND seq <= $3 AND (seq = $2 + 1 OR end_offset <= $5 + "
+                    "coalesce((SELECT end_offset FROM events WHERE session_id = $1 AND seq = $2), 0)) "
+                    "ORDER BY seq LIMIT $4",
+                    session_id,
+                    after_seq,
+                    until_seq,
+                    limit,
+                    max_bytes,
+                )
         return [
             StoredEvent(session_id, r["seq"], r["event_id"], r["type"], r["create_time"], bytes(r["body"]))
             for r in rows

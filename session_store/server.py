@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -25,16 +27,27 @@ from session_store.store import (
     SessionCursor,
     SessionRecord,
     SessionStatus,
+    StoredEvent,
 )
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name
 
 DEFAULT_PAGE_EVENTS, MAX_PAGE_EVENTS = 1000, 10_000
 DEFAULT_PAGE_SESSIONS, MAX_PAGE_SESSIONS = 100, 1000
+# Responses stay within gRPC's default 4 MiB message limit, so that any client can read every page: a page of
+# events stops before the response would pass `PAGE_BYTES` (it always holds one event if any remain, and one
+# event may be up to 4 MiB itself), a page of sessions before it would pass `LIST_PAGE_BYTES` (a session's spec
+# is at most 1 MiB, so any page of sessions fits).
 PAGE_BYTES = 4 * 1024 * 1024
+LIST_PAGE_BYTES = 2 * 1024 * 1024
+_RESPONSE_ROOM = 1024  # next_page_token, last_seq and the field tags around them
 DEFAULT_LEASE_US, MIN_LEASE_US, MAX_LEASE_US = 15_000_000, 1_000_000, 600_000_000
 _OUTPUT_ONLY = ("id", "session_id", "seq", "type", "create_time", "trace_id", "span_id")
 _END_OF_LOG = 2**62
+_MAX_TIME_US = 2**63 - 1
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _page_size(value: int, default: int, maximum: int) -> int:
@@ -94,6 +107,44 @@ def session_message(record: SessionRecord) -> session_pb2.Session:
 
 def _lease(record: SessionRecord) -> session_pb2.Lease:
     return session_message(record).lease
+
+
+def _listed(record: SessionRecord) -> session_pb2.Session:
+    """A session as listed. A spec beyond today's 1 MiB limit (stored before it was enforced) is listed with its
+    title only, so that one such session cannot make every page of the listing too large to send."""
+    if len(record.spec) <= validate.MAX_SPEC_BYTES:
+        return session_message(record)
+    log.warning(
+        "session %s has a %d-byte spec; listing it without metadata and agent", record.session_id, len(record.spec)
+    )
+    title = session_pb2.Session.FromString(record.spec).title[: validate.MAX_TITLE_CHARS]
+    trimmed = session_pb2.Session(title=title).SerializeToString()
+    return session_message(
+        SessionRecord(
+            record.session_id,
+            record.status,
+            record.last_seq,
+            record.create_time_us,
+            record.update_time_us,
+            record.lease,
+            trimmed,
+        )
+    )
+
+
+def _framed(body: bytes) -> int:
+    """Bytes an event takes in a repeated field: tag, length, body."""
+    return 1 + (len(body).bit_length() + 6) // 7 + len(body)
+
+
+def _fitting(events: list[StoredEvent], budget: int) -> list[StoredEvent]:
+    """The longest prefix of `events` whose framed size is at most `budget`, and at least the first event."""
+    total = 0
+    for count, event in enumerate(events):
+        total += _framed(event.body)
+        if count and total > budget:
+            return events[:count]
+    return events
 
 
 class SessionServicer(session_pb2_grpc.SessionServiceServicer):
@@ -234,22 +285,23 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         after = validate.non_negative(request.after_seq, "after_seq")
         size = _page_size(request.page_size, DEFAULT_PAGE_EVENTS, MAX_PAGE_EVENTS)
         validate.enums_known(request, "request")
+        fingerprint = {"s": session_id, "a": request.after_seq}
         if request.page_token:
-            after = paging.decode(request.page_token, {"s": session_id, "a": request.after_seq})["after"]
+            after = paging.decode_int(request.page_token, fingerprint, "after", request.after_seq, _END_OF_LOG)
         record = await self._store.get_session(session_id)
         session = session_message(record)
         if request.view == session_pb2.SESSION_VIEW_BASIC:
             return session_pb2.GetSessionResponse(session=session)
         # Bounded by the session row just read, so the page is a consistent snapshot of the log.
+        budget = PAGE_BYTES - _RESPONSE_ROOM - session.ByteSize() - 8
         events = await self._store.read_events(
-            session_id, after_seq=after, until_seq=record.last_seq, limit=size, max_bytes=PAGE_BYTES
+            session_id, after_seq=after, until_seq=record.last_seq, limit=size, max_bytes=max(budget, 0)
         )
+        events = _fitting(events, budget)
         response = session_pb2.GetSessionResponse.FromString(wire.repeated(wire.FIELD_2, (e.body for e in events)))
         response.session.CopyFrom(session)
         if events and events[-1].seq < record.last_seq:
-            response.next_page_token = paging.encode(
-                {"after": events[-1].seq}, {"s": session_id, "a": request.after_seq}
-            )
+            response.next_page_token = paging.encode({"after": events[-1].seq}, fingerprint)
         return response
 
     async def ListSessions(
@@ -260,14 +312,22 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         fingerprint = {"status": request.status, "orphaned": request.orphaned_only}
         after = None
         if request.page_token:
-            position = paging.decode(request.page_token, fingerprint)
-            after = SessionCursor(int(position["t"]), str(position["id"]))
-        records = await self._store.list_sessions(
-            limit=size + 1, status=status, orphaned_only=request.orphaned_only, after=after
+            position = paging.decode(
+                request.page_token,
+                fingerprint,
+                {"t": paging.Int(0, _MAX_TIME_US), "id": paging.Str(_SESSION_ID)},
+            )
+            after = SessionCursor(position["t"], position["id"])
+        page = await self._store.list_sessions(
+            limit=size,
+            max_bytes=LIST_PAGE_BYTES - _RESPONSE_ROOM,
+            status=status,
+            orphaned_only=request.orphaned_only,
+            after=after,
         )
-        response = session_pb2.ListSessionsResponse(sessions=[session_message(r) for r in records[:size]])
-        if len(records) > size:
-            last = records[size - 1]
+        response = session_pb2.ListSessionsResponse(sessions=[_listed(r) for r in page.records])
+        if page.more and page.records:
+            last = page.records[-1]
             response.next_page_token = paging.encode({"t": last.create_time_us, "id": last.session_id}, fingerprint)
         return response
 
@@ -290,16 +350,24 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             "l": request.last,
         }
         if request.page_token:
-            position = paging.decode(request.page_token, fingerprint)
-            after, until = int(position["after"]), int(position["until"])
+            position = paging.decode(
+                request.page_token,
+                fingerprint,
+                {"after": paging.Int(0, _END_OF_LOG), "until": paging.Int(0, _END_OF_LOG)},
+            )
+            after, until = position["after"], position["until"]
+            if not max(request.start_seq - 1, 0) <= after <= until <= (request.end_seq or _END_OF_LOG):
+                raise InvalidArgument.field("page_token", "is not a token this server issued (its range is malformed)")
         elif request.last:
             after, until = max(0, record.last_seq - request.last), record.last_seq
         else:
             after = max(request.start_seq - 1, 0)
             until = min(request.end_seq or _END_OF_LOG, record.last_seq)
+        budget = PAGE_BYTES - _RESPONSE_ROOM
         events = await self._store.read_events(
-            session_id, after_seq=after, until_seq=until, limit=size, max_bytes=PAGE_BYTES
+            session_id, after_seq=after, until_seq=until, limit=size, max_bytes=budget
         )
+        events = _fitting(events, budget)
         response = session_pb2.GetEventsResponse.FromString(wire.repeated(wire.FIELD_1, (e.body for e in events)))
         response.last_seq = record.last_seq
         if events and events[-1].seq < until:

@@ -9,6 +9,12 @@ shows them only committed transactions.
 
 The writer keeps the sessions it touched in memory (last seq, status, lease), which is sound because it is the
 only writer: the data directory is locked, so a second store process on the same files refuses to start.
+
+A corrupt database is never served. Opening runs `PRAGMA quick_check` and checks that the session indexes
+hold every session (`check_integrity`), and refuses to start with a sentence that names the file and how to
+recover it. Connections check each page's cells as they read it (`cell_size_check`). Corruption found while
+serving (SQLITE_CORRUPT, SQLITE_NOTADB) answers that call, and every later one, `DATA_LOSS`: a file with one
+bad page may have others that read as valid but short, so nothing more is served from it.
 """
 
 from __future__ import annotations
@@ -34,14 +40,17 @@ from managed_agents.mesh.errors import (
     SessionNotFound,
 )
 from session_store import rules
+from session_store.errors import DataLoss
 from session_store.group_commit import GroupCommitter
 from session_store.store import (
     AppendRequest,
     AppendResult,
     SessionCursor,
+    SessionPage,
     SessionRecord,
     SessionStatus,
     StoredEvent,
+    sessions_that_fit,
 )
 from session_store.tail import Tail
 
@@ -92,10 +101,78 @@ CREATE TABLE IF NOT EXISTS idempotency (
 
 
 _MAX_CACHED_SESSIONS = 50_000
+DATABASE_NAME = "sessions.sqlite3"
+# Primary result codes of a damaged file (extended codes carry them in their low byte).
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 
 def _now_us() -> int:
     return time.time_ns() // 1000
+
+
+class CorruptDatabase(RuntimeError):
+    """The database file failed its integrity check; the store refuses to serve it."""
+
+
+def is_corruption(error: BaseException) -> bool:
+    """True for SQLite's errors that mean the file is damaged (SQLITE_CORRUPT and SQLITE_NOTADB, with their
+    extended codes), as opposed to a busy, full or read-only database."""
+    if not isinstance(error, sqlite3.DatabaseError):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(error)
+    return "malformed" in text or "not a database" in text
+
+
+def recovery_advice(path: Path) -> str:
+    """How an operator gets a sound database back, for messages naming `path`."""
+    return (
+        f"stop the store and restore {path} from a backup, or salvage what is readable with "
+        f'`sqlite3 {path} ".recover" | sqlite3 {path.name}.recovered` and move the result into place '
+        "(keep the damaged file; its -wal file, if any, belongs to it)"
+    )
+
+
+def check_integrity(path: Path) -> float:
+    """Runs SQLite's `quick_check` on `path` and checks that both session indexes hold exactly the sessions of
+    the table (ListSessions reads them); returns the seconds it took. Raises `CorruptDatabase` with a sentence
+    naming the file and how to recover it. A file that does not exist yet passes."""
+    if not path.exists():
+        return 0.0
+    started = time.perf_counter()
+    problems: list[str] = []
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(10)").fetchall()]
+        if problems == ["ok"]:
+            problems = []
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema WHERE type IN ('table', 'index')")}
+            if {"sessions", "sessions_newest", "sessions_by_status"} <= tables:
+                # A range on each index's first column makes SQLite read that index (a bare count(*) reads
+                # whichever is smallest, INDEXED BY or not); every value of a NOT NULL column is in the range.
+                counts = conn.execute(
+                    "SELECT (SELECT count(*) FROM sessions NOT INDEXED), "
+                    "(SELECT count(*) FROM sessions INDEXED BY sessions_newest WHERE create_time >= ?1), "
+                    "(SELECT count(*) FROM sessions INDEXED BY sessions_by_status WHERE status >= ?1)",
+                    (-(2**63),),
+                ).fetchone()
+                if len(set(counts)) != 1:
+                    problems = [f"the session indexes do not match the sessions table (rows: {counts})"]
+    except sqlite3.DatabaseError as error:
+        if not is_corruption(error):
+            raise RuntimeError(f"cannot check the integrity of {path}: {error}") from None
+        problems = [str(error)]
+    finally:
+        conn.close()
+    if problems:
+        raise CorruptDatabase(
+            f"{path} is corrupt and will not be served (integrity check: {'; '.join(problems)[:500]}); "
+            f"{recovery_advice(path)}"
+        )
+    return time.perf_counter() - started
 
 
 class _Writer:
@@ -106,6 +183,7 @@ class _Writer:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._conn.execute("PRAGMA busy_timeout=5000")
+        self._conn.execute("PRAGMA cell_size_check=ON")
         self._conn.executescript(_SCHEMA)
         self._conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
@@ -253,7 +331,10 @@ class SqliteEventStore:
         executor: ThreadPoolExecutor,
         readers: list[aiosqlite.Connection],
         lock_fd: int,
+        path: Path,
     ) -> None:
+        self._path = path
+        self._corrupt = ""
         self._writer = writer
         self._executor = executor
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
@@ -269,21 +350,31 @@ class SqliteEventStore:
     async def open(cls, data_dir: Path, *, synchronous: Synchronous = "normal", readers: int = 2) -> SqliteEventStore:
         """Opens (creating if needed) the store in `data_dir`, which it locks for itself."""
         lock_fd = _lock(data_dir)
-        path = data_dir / "sessions.sqlite3"
+        path = data_dir / DATABASE_NAME
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         loop = asyncio.get_running_loop()
+        connections: list[aiosqlite.Connection] = []
         try:
+            # On a connection of its own, closed after, so the writer's and readers' caches start cold.
+            took = await loop.run_in_executor(executor, check_integrity, path)
+            log.info("integrity check of %s took %d ms", path, round(took * 1000))
             writer = await loop.run_in_executor(executor, _Writer, path, synchronous)
-            connections = []
             for _ in range(readers):
                 conn = await aiosqlite.connect(path, isolation_level=None)
-                await conn.execute("PRAGMA query_only = ON")
                 connections.append(conn)
-        except BaseException:
+                await conn.execute("PRAGMA query_only = ON")
+                await conn.execute("PRAGMA cell_size_check = ON")
+        except BaseException as error:
+            for conn in connections:
+                await conn.close()
             executor.shutdown(wait=False)
             os.close(lock_fd)
+            if is_corruption(error):
+                raise CorruptDatabase(
+                    f"{path} is corrupt and will not be served ({error}); {recovery_advice(path)}"
+                ) from None
             raise
-        return cls(writer, executor, connections, lock_fd)
+        return cls(writer, executor, connections, lock_fd, path)
 
     @property
     def tail(self) -> Tail:
@@ -296,8 +387,35 @@ class SqliteEventStore:
         if isinstance(result, AppendResult) and not result.replayed:
             self._tail.publish(result.events[0].session_id, result.events)
 
+    def _data_loss(self, outcome: str, found: sqlite3.DatabaseError | None = None) -> DataLoss:
+        """The error of a call on a corrupt database; the first corruption `found` marks the store corrupt (and is
+        logged with the file and how to recover it)."""
+        if found is not None and not self._corrupt:
+            self._corrupt = str(found)
+            log.error(
+                "%s is corrupt (%s); every call now answers DATA_LOSS. To recover: %s",
+                self._path,
+                found,
+                recovery_advice(self._path),
+            )
+            self._tail.resync_all()  # watchers re-read, and so learn it too
+        return DataLoss(
+            f"the session store's database is corrupt ({self._corrupt}); {outcome}. This store serves nothing "
+            "more until an operator restores the database (the store's log names the file and how)"
+        )
+
+    def _check_sound(self, outcome: str) -> None:
+        if self._corrupt:
+            raise self._data_loss(outcome)
+
     async def _run_group(self, commands: list[rules.Command]) -> list[object]:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._writer.run, commands)
+        self._check_sound("this write was not committed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._writer.run, commands)
+        except sqlite3.DatabaseError as error:
+            if is_corruption(error):
+                raise self._data_loss("this write was not committed", error) from None
+            raise
 
     async def create_session(self, session_id: str, *, spec: bytes) -> SessionRecord:
         result = await self._commits.submit(rules.Create(session_id, spec), len(spec))
@@ -328,9 +446,14 @@ class SqliteEventStore:
 
     @contextlib.asynccontextmanager
     async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        self._check_sound("nothing was read")
         conn = await self._readers.get()
         try:
             yield conn
+        except sqlite3.DatabaseError as error:
+            if is_corruption(error):
+                raise self._data_loss("nothing was read", error) from None
+            raise
         finally:
             self._readers.put_nowait(conn)
 
@@ -348,10 +471,11 @@ class SqliteEventStore:
         self,
         *,
         limit: int,
+        max_bytes: int,
         status: SessionStatus | None = None,
         orphaned_only: bool = False,
         after: SessionCursor | None = None,
-    ) -> list[SessionRecord]:
+    ) -> SessionPage:
         where: list[str] = []
         params: list[object] = []
         if status is not None:
@@ -363,14 +487,23 @@ class SqliteEventStore:
         if after is not None:
             where.append("(create_time < ? OR (create_time = ? AND session_id < ?))")
             params += [after.create_time_us, after.create_time_us, after.session_id]
-        sql = f"SELECT {rules.SESSION_COLUMNS} FROM sessions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY create_time DESC, session_id DESC LIMIT ?"
-        params.append(limit)
+        tail = (
+            " WHERE " + " AND ".join(where) if where else ""
+        ) + " ORDER BY create_time DESC, session_id DESC LIMIT ?"
         async with self._reader() as conn:
-            rows = await conn.execute_fetchall(sql, params)
-        return [rules.record_from_values(r) for r in rows]
+            # Sizes first (SQLite reads a blob's length without its pages), then as many rows as fit, in one
+            # read transaction so both see the same sessions.
+            await conn.execute("BEGIN")
+            try:
+                found = await conn.execute_fetchall("SELECT length(spec) FROM sessions" + tail, [*params, limit + 1])
+                sizes = [int(r[0]) for r in found]
+                count = sessions_that_fit(sizes, limit, max_bytes)
+                rows = await conn.execute_fetchall(
+                    f"SELECT {rules.SESSION_COLUMNS} FROM sessions" + tail, [*params, count]
+                )
+            finally:
+                await conn.execute("COMMIT")
+        return SessionPage(tuple(rules.record_from_values(r) for r in rows), more=len(sizes) > count)
 
     async def read_events(
         self, session_id: str, *, after_seq: int, until_seq: int, limit: int, max_bytes: int

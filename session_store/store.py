@@ -93,6 +93,30 @@ class SessionCursor:
     session_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """One page of the session listing, and whether more sessions follow it."""
+
+    records: tuple[SessionRecord, ...]
+    more: bool
+
+
+LISTED_ROW_BYTES = 512
+"""What a listed session costs beyond its spec, for `list_sessions`' byte budget: the output-only fields of a
+`Session` message (id, status, times, lease holder) and its framing take less."""
+
+
+def sessions_that_fit(spec_sizes: Sequence[int], limit: int, max_bytes: int) -> int:
+    """How many of the sessions with these spec sizes (in listing order) a page holds: at most `limit`, and past
+    the first only while their specs and `LISTED_ROW_BYTES` each total at most `max_bytes`."""
+    total = 0
+    for count, size in enumerate(spec_sizes[:limit]):
+        total += size + LISTED_ROW_BYTES
+        if count and total > max_bytes:
+            return count
+    return min(len(spec_sizes), limit)
+
+
 class EventStore(Protocol):
     """A durable event log of many sessions. Appends to one session are totally ordered with dense `seq`."""
 
@@ -108,11 +132,13 @@ class EventStore(Protocol):
         self,
         *,
         limit: int,
+        max_bytes: int,
         status: SessionStatus | None = None,
         orphaned_only: bool = False,
         after: SessionCursor | None = None,
-    ) -> list[SessionRecord]:
-        """Sessions newest first, after `after`."""
+    ) -> SessionPage:
+        """Sessions newest first, after `after`: at most `limit`, and past the first only as many as
+        `sessions_that_fit` in `max_bytes`, read from one snapshot; `more` if others follow."""
         ...
 
     async def append(self, request: AppendRequest) -> AppendResult:
@@ -124,7 +150,8 @@ class EventStore(Protocol):
         self, session_id: str, *, after_seq: int, until_seq: int, limit: int, max_bytes: int
     ) -> list[StoredEvent]:
         """Events with `after_seq < seq <= until_seq`, at most `limit` of them and, past the first, at most
-        `max_bytes` of bodies. Does not check that the session exists."""
+        `max_bytes` of bodies. Does not check that the session exists. Raises `DataLoss` if the database is
+        corrupt (as every method may)."""
         ...
 
     def watch(self, session_id: str, *, after_seq: int) -> AsyncIterator[StoredEvent]:

@@ -66,6 +66,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The server is not set up for the request: a feature it was not configured for, or that its backend
     cannot do (FAILED_PRECONDITION).
     """
+    ERROR_REASON_DATA_LOSS: _ErrorReason.ValueType  # 20
+    """The server's database is corrupt, so what it would answer cannot be trusted; retrying does not help, an
+    operator must restore it (DATA_LOSS).
+    """
+    ERROR_REASON_WATCH_TOO_SLOW: _ErrorReason.ValueType  # 21
+    """A watcher fell too far behind its session's live events and its stream was ended; watch again with
+    `after_seq` from `ErrorInfo.metadata["after_seq"]` to continue with nothing lost (RESOURCE_EXHAUSTED).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reason of a failed call, sent as `google.rpc.ErrorInfo.reason` in the status details.
@@ -116,5 +124,13 @@ ERROR_REASON_LABELS_NOT_CARRIED: ErrorReason.ValueType  # 18
 ERROR_REASON_FAILED_PRECONDITION: ErrorReason.ValueType  # 19
 """The server is not set up for the request: a feature it was not configured for, or that its backend
 cannot do (FAILED_PRECONDITION).
+"""
+ERROR_REASON_DATA_LOSS: ErrorReason.ValueType  # 20
+"""The server's database is corrupt, so what it would answer cannot be trusted; retrying does not help, an
+operator must restore it (DATA_LOSS).
+"""
+ERROR_REASON_WATCH_TOO_SLOW: ErrorReason.ValueType  # 21
+"""A watcher fell too far behind its session's live events and its stream was ended; watch again with
+`after_seq` from `ErrorInfo.metadata["after_seq"]` to continue with nothing lost (RESOURCE_EXHAUSTED).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

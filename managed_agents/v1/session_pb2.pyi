@@ -89,7 +89,7 @@ class Session(_message.Message):
     last_seq: _builtins.int
     """Output only. Sequence number of the last event; 0 for an empty log."""
     title: _builtins.str
-    """Optional. Title for humans; at most 256 characters."""
+    """Optional. Title for humans; at most 256 characters, none of them a control character (C0 or C1)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the session was created."""
@@ -100,7 +100,9 @@ class Session(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Optional. Free-form labels; at most 16 pairs, keys up to 64 and values up to 512 characters."""
+        """Optional. Free-form labels; at most 16 pairs, keys of 1 to 64 characters and values up to 512 characters.
+        No control characters, except tab and line breaks in values.
+        """
 
     @_builtins.property
     def agent(self) -> Global___AgentConfig:
@@ -145,7 +147,9 @@ class AgentConfig(_message.Message):
     MCP_SERVERS_FIELD_NUMBER: _builtins.int
     MAX_STEPS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """Optional. Model name, e.g. `claude-sonnet-5-5`; empty means the brain's `--model`. At most 128 characters."""
+    """Optional. Model name, e.g. `claude-sonnet-5-5`; empty means the brain's `--model`. At most 128 characters
+    of `[A-Za-z0-9._:@/+-]`, the first a letter or digit.
+    """
     system: _builtins.str
     """Optional. System prompt; at most 100,000 characters."""
     max_tokens: _builtins.int
@@ -154,15 +158,22 @@ class AgentConfig(_message.Message):
     """Optional. Maximum model calls in one turn; 0 means the brain's default. At most 1000."""
     @_builtins.property
     def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Names of the sandbox tools offered to the model; empty means all that hands lists. At most 128."""
+        """Optional. Names of the sandbox tools offered to the model; empty means all that hands lists. At most 128,
+        each 1 to 64 characters of `[A-Za-z0-9_-]`, none twice.
+        """
 
     @_builtins.property
     def resources(self) -> _sandbox_pb2.Resources:
-        """Optional. Resources of the sandbox provisioned for the session."""
+        """Optional. Resources of the sandbox provisioned for the session, checked when the session is created as hands
+        checks them at `Provision` (the limits documented in `Resources`).
+        """
 
     @_builtins.property
     def mcp_servers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Names of the MCP servers (vault credentials) the session may use through the proxy; at most 20."""
+        """Optional. Names of the MCP servers (vault credentials, 1 to 64 characters of `[a-z0-9_-]`) the session may
+        use through the proxy; at most 20, none twice. With the credentials of `resources.repositories` and
+        `resources.secrets`, a session is granted at most 20 distinct credentials.
+        """
 
     def __init__(
         self,
@@ -229,7 +240,9 @@ class CreateSessionRequest(_message.Message):
     """
     @_builtins.property
     def session(self) -> Global___Session:
-        """Optional. The session to create; only `title`, `metadata` and `agent` are read."""
+        """Optional. The session to create; only `title`, `metadata` and `agent` are read, and fields this server
+        does not know are dropped. At most 1 MiB serialized.
+        """
 
     def __init__(
         self,
@@ -286,10 +299,12 @@ class GetSessionRequest(_message.Message):
     """Optional. Return events with `seq` greater than this; 0 returns from the start. Must not be negative."""
     page_size: _builtins.int
     """Optional. Maximum events per page: 0 means 1000; values above 10,000 are treated as 10,000. A page also
-    stops early once it holds 4 MiB of events (it always holds at least one event if any remain).
+    stops early, before the response would pass 4 MiB (it always holds at least one event if any remain).
     """
     page_token: _builtins.str
-    """Optional. `next_page_token` of the previous page; the other fields must be unchanged."""
+    """Optional. `next_page_token` of the previous page; the other fields must be unchanged. Anything else (at
+    most 1024 characters are read) fails with `INVALID_ARGUMENT`.
+    """
     view: Global___SessionView.ValueType
     """Optional. Whether to return events at all."""
     def __init__(
@@ -354,9 +369,13 @@ class ListSessionsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     ORPHANED_ONLY_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Optional. Maximum sessions per page: 0 means 100; values above 1000 are treated as 1000."""
+    """Optional. Maximum sessions per page: 0 means 100; values above 1000 are treated as 1000. A page also stops
+    early, before the response would pass 2 MiB (it always holds at least one session if any remain).
+    """
     page_token: _builtins.str
-    """Optional. `next_page_token` of the previous page; the other fields must be unchanged."""
+    """Optional. `next_page_token` of the previous page; the other fields must be unchanged. Anything else fails
+    with `INVALID_ARGUMENT`.
+    """
     status: _events_pb2.SessionStatus.ValueType
     """Optional. Only sessions in this status; `SESSION_STATUS_UNSPECIFIED` means any."""
     orphaned_only: _builtins.bool
@@ -389,7 +408,9 @@ class ListSessionsResponse(_message.Message):
     """Token for the next page; empty on the last page."""
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Session]:
-        """Sessions, newest first."""
+        """Sessions, newest first. A session stored before the 1 MiB limit with a larger spec is listed with its
+        title but without `metadata` and `agent` (`GetSession` returns it whole).
+        """
 
     def __init__(
         self,
@@ -574,7 +595,9 @@ class GetEventsRequest(_message.Message):
     page_size: _builtins.int
     """Optional. Maximum events per page, as in `GetSessionRequest`."""
     page_token: _builtins.str
-    """Optional. `next_page_token` of the previous page; the other fields must be unchanged."""
+    """Optional. `next_page_token` of the previous page; the other fields must be unchanged. Anything else fails
+    with `INVALID_ARGUMENT`.
+    """
     def __init__(
         self,
         *,

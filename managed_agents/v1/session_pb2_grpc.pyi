@@ -31,7 +31,13 @@ class SessionServiceStub:
 
     Ids: session ids are 1 to 64 characters of `[A-Za-z0-9_-]`; generated ones are `sesn_` followed by
     26 base32 characters. Sequence numbers are dense from 1 within a session. Limits: one event is at most
-    4 MiB serialized; a batch holds at most 1000 events and 16 MiB.
+    4 MiB serialized; a batch holds at most 1000 events and 16 MiB; a session's writable part (title, metadata,
+    agent) at most 1 MiB serialized, each of its fields within the limits given below. Requests past a limit fail
+    with `INVALID_ARGUMENT` naming the field and the limit, and write nothing. Pages of events and sessions stay
+    under 4 MiB (gRPC's default message limit), except a page holding a single event larger than that allows.
+
+    A corrupt database is never served: the store refuses to start on one, and damage found while serving answers
+    `DATA_LOSS` (not retryable) to every call until an operator restores the database.
     """
 
     @_typing.overload
@@ -53,6 +59,10 @@ class SessionServiceStub:
     WatchSession: _grpc.UnaryStreamMultiCallable[_session_pb2.WatchSessionRequest, _session_pb2.WatchSessionResponse]
     """Streams a session's events after a cursor: the stored backlog first, then live events as they are
     committed, with no gap and no duplicate between the two. Resume after a disconnect from the last `seq` seen.
+    A watcher that falls more than 16 MiB of live events behind is ended with `RESOURCE_EXHAUSTED`, reason
+    `WATCH_TOO_SLOW`; a store shutting down ends watches with `UNAVAILABLE`, reason `SHUTTING_DOWN`. Both carry
+    `ErrorInfo.metadata["after_seq"]`, the `seq` of the last event delivered: watching again with that
+    `after_seq` misses nothing.
     """
     AcquireLease: _grpc.UnaryUnaryMultiCallable[_session_pb2.AcquireLeaseRequest, _session_pb2.AcquireLeaseResponse]
     """Acquires the session's lease for a holder, or extends it if that holder already has it. A new holder
@@ -69,7 +79,13 @@ class SessionServiceAsyncStub(SessionServiceStub):
 
     Ids: session ids are 1 to 64 characters of `[A-Za-z0-9_-]`; generated ones are `sesn_` followed by
     26 base32 characters. Sequence numbers are dense from 1 within a session. Limits: one event is at most
-    4 MiB serialized; a batch holds at most 1000 events and 16 MiB.
+    4 MiB serialized; a batch holds at most 1000 events and 16 MiB; a session's writable part (title, metadata,
+    agent) at most 1 MiB serialized, each of its fields within the limits given below. Requests past a limit fail
+    with `INVALID_ARGUMENT` naming the field and the limit, and write nothing. Pages of events and sessions stay
+    under 4 MiB (gRPC's default message limit), except a page holding a single event larger than that allows.
+
+    A corrupt database is never served: the store refuses to start on one, and damage found while serving answers
+    `DATA_LOSS` (not retryable) to every call until an operator restores the database.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -88,6 +104,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     WatchSession: _aio.UnaryStreamMultiCallable[_session_pb2.WatchSessionRequest, _session_pb2.WatchSessionResponse]  # type: ignore[assignment]
     """Streams a session's events after a cursor: the stored backlog first, then live events as they are
     committed, with no gap and no duplicate between the two. Resume after a disconnect from the last `seq` seen.
+    A watcher that falls more than 16 MiB of live events behind is ended with `RESOURCE_EXHAUSTED`, reason
+    `WATCH_TOO_SLOW`; a store shutting down ends watches with `UNAVAILABLE`, reason `SHUTTING_DOWN`. Both carry
+    `ErrorInfo.metadata["after_seq"]`, the `seq` of the last event delivered: watching again with that
+    `after_seq` misses nothing.
     """
     AcquireLease: _aio.UnaryUnaryMultiCallable[_session_pb2.AcquireLeaseRequest, _session_pb2.AcquireLeaseResponse]  # type: ignore[assignment]
     """Acquires the session's lease for a holder, or extends it if that holder already has it. A new holder
@@ -103,7 +123,13 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Ids: session ids are 1 to 64 characters of `[A-Za-z0-9_-]`; generated ones are `sesn_` followed by
     26 base32 characters. Sequence numbers are dense from 1 within a session. Limits: one event is at most
-    4 MiB serialized; a batch holds at most 1000 events and 16 MiB.
+    4 MiB serialized; a batch holds at most 1000 events and 16 MiB; a session's writable part (title, metadata,
+    agent) at most 1 MiB serialized, each of its fields within the limits given below. Requests past a limit fail
+    with `INVALID_ARGUMENT` naming the field and the limit, and write nothing. Pages of events and sessions stay
+    under 4 MiB (gRPC's default message limit), except a page holding a single event larger than that allows.
+
+    A corrupt database is never served: the store refuses to start on one, and damage found while serving answers
+    `DATA_LOSS` (not retryable) to every call until an operator restores the database.
     """
 
     @_abc_1.abstractmethod
@@ -162,6 +188,10 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_session_pb2.WatchSessionResponse], _abc.AsyncIterator[_session_pb2.WatchSessionResponse]]:
         """Streams a session's events after a cursor: the stored backlog first, then live events as they are
         committed, with no gap and no duplicate between the two. Resume after a disconnect from the last `seq` seen.
+        A watcher that falls more than 16 MiB of live events behind is ended with `RESOURCE_EXHAUSTED`, reason
+        `WATCH_TOO_SLOW`; a store shutting down ends watches with `UNAVAILABLE`, reason `SHUTTING_DOWN`. Both carry
+        `ErrorInfo.metadata["after_seq"]`, the `seq` of the last event delivered: watching again with that
+        `after_seq` misses nothing.
         """
 
     @_abc_1.abstractmethod
