@@ -56,14 +56,13 @@ def repositories_from(resources: sandbox_pb2.Resources) -> list[Repository]:
     repositories, paths = [], set()
     for index, given in enumerate(resources.repositories):
         field = f"resources.repositories[{index}]"
-        parts = urlsplit(given.url)
-        if (
-            parts.scheme not in ("https", "http")
-            or not parts.hostname
-            or parts.username
-            or parts.password
-            or len(given.url) > 2048
-        ):
+        try:
+            parts = urlsplit(given.url)
+            hostname, username, password = parts.hostname, parts.username, parts.password
+        except ValueError:  # a malformed authority (`https://[::1/x`) is the caller's, not a server fault
+            hostname = username = password = None
+            parts = urlsplit("")
+        if parts.scheme not in ("https", "http") or not hostname or username or password or len(given.url) > 2048:
             raise InvalidArgument.field(f"{field}.url", "must be an https:// URL of at most 2048 characters, no user")
         if not _NAME.fullmatch(given.credential):
             raise InvalidArgument.field(f"{field}.credential", "must name a git credential of the vault ([a-z0-9_-])")

@@ -81,7 +81,11 @@ class VaultServicer(mcp_proxy_pb2_grpc.VaultServiceServicer):
         size = validate.page_size(request.page_size)
         after = ""
         if request.page_token:
-            after = str(paging.decode(request.page_token, {})["after"])
+            # A token is caller input: a forged position is refused, never a crash.
+            position = paging.decode(request.page_token, {}).get("after")
+            if not isinstance(position, str) or not 1 <= len(position) <= 64:
+                raise InvalidArgument.field("page_token", "is not a token this server issued")
+            after = position
         records = await self._proxy.vault.list(after=after, limit=size + 1)
         response = mcp_proxy_pb2.ListCredentialsResponse(credentials=[credential_message(r) for r in records[:size]])
         if len(records) > size:

@@ -10,6 +10,7 @@ import pytest
 
 from hands.client import HandsClient
 from managed_agents.mesh.errors import IdempotencyKeyReused, InvalidArgument
+from managed_agents.v1 import sandbox_pb2
 
 
 async def test_an_execution_id_reused_for_another_call_is_refused_and_nothing_runs(hands: HandsClient) -> None:
@@ -54,3 +55,10 @@ def _token(position: object) -> str:
 async def test_forged_page_tokens_are_refused(hands: HandsClient, token: str) -> None:
     with pytest.raises(InvalidArgument, match="page_token"):
         await hands.list_sandboxes(page_token=token)
+
+
+@pytest.mark.parametrize("url", ["https://[::1/x.git", "https://[zz]/x.git", "http://user@host/x.git", "ftp://h/x"])
+async def test_malformed_repository_urls_are_refused(hands: HandsClient, url: str) -> None:
+    resources = sandbox_pb2.Resources(repositories=[sandbox_pb2.Repository(url=url, credential="github")])
+    with pytest.raises(InvalidArgument, match="url"):
+        await hands.provision(resources=resources, credential_token="t" * 40)
