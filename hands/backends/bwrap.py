@@ -221,17 +221,18 @@ class BwrapBackend:
             return [*argv, *driver]
         # Without a user namespace bwrap needs root to make the others; the shell drops to the identity inside.
         argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
-        drop = [
+        return [*argv, *self._become(identity), "--no-new-privs", "--", *driver]
+
+    def _become(self, identity: Identity) -> list[str]:
+        """setpriv's arguments that make the rest run as `identity`, with no group and no capability left."""
+        return [
             self._setpriv,
             f"--reuid={identity.uid}",
             f"--regid={identity.gid}",
             "--clear-groups",
             "--inh-caps=-all",
             "--bounding-set=-all",
-            "--no-new-privs",
-            "--",
         ]
-        return [*argv, *drop, *driver]
 
     async def create(self, sandbox_id: str, paths: SandboxPaths, limits: Limits, identity: Identity | None) -> None:
         assert identity is not None, "bwrap sandboxes always have an identity"
@@ -261,16 +262,7 @@ class BwrapBackend:
         os.set_inheritable(seccomp_fd, True)
         inner = self.argv(paths, identity, seccomp_fd)
         if self._user_namespace:
-            inner = [
-                self._setpriv,
-                f"--reuid={identity.uid}",
-                f"--regid={identity.gid}",
-                "--clear-groups",
-                "--inh-caps=-all",
-                "--bounding-set=-all",
-                "--",
-                *inner,
-            ]
+            inner = [*self._become(identity), "--", *inner]
         # The wrapper joins the limit groups (as root), puts the status pipe on the driver's fd 3, and execs the
         # rest, so the processes between hands and the shell are only bwrap's.
         move = f"exec {_STATUS_FD}>&{status_write} {status_write}>&-"
