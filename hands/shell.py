@@ -56,6 +56,7 @@ def driver_script(control_inside: str, environment: Mapping[str, str]) -> str:
     exports = "".join(f"export {key}={shlex.quote(value)}\n" for key, value in environment.items())
     return f"""# The shell driver of a managed-agents sandbox (see hands/shell.py). Not a place for commands.
 if [ -n "${{BASH_VERSION:-}}" ]; then set +o posix; fi
+cd -- "${{HOME:-/workspace}}" 2>/dev/null
 {exports}__ma_dir={shlex.quote(control_inside)}
 __ma_state={STATE_MOUNT}/state
 __ma_fd=${{1:-3}}

@@ -185,7 +185,9 @@ class BwrapBackend:
 
     def argv(self, paths: SandboxPaths, identity: Identity, seccomp_fd: int) -> list[str]:
         """The bwrap command line of a sandbox's shell (host paths appear here, outside, and nowhere inside)."""
-        argv = [self._bwrap]
+        # Directories bwrap makes on its own are 0700 when it runs as root (without a user namespace): closed to
+        # the sandbox's identity. These are made open first.
+        argv = [self._bwrap, "--perms", "0755", "--dir", "/etc", "--perms", "0755", "--dir", "/run"]
         for path in _SYSTEM_BINDS:
             if os.path.exists(path):
                 argv += ["--ro-bind", path, path]
@@ -200,7 +202,7 @@ class BwrapBackend:
             ("--symlink", "/proc/self/mounts", "/etc/mtab"),
             ("--bind", str(paths.workspace), WORKSPACE_MOUNT),
             ("--ro-bind", str(control), CONTROL_MOUNT),
-            ("--size", str(_STATE_BYTES), "--tmpfs", STATE_MOUNT),
+            ("--perms", "01777", "--size", str(_STATE_BYTES), "--tmpfs", STATE_MOUNT),
             ("--chdir", WORKSPACE_MOUNT),
         ]
         egress_ca = control / EGRESS_CA_FILE
@@ -210,7 +212,10 @@ class BwrapBackend:
             mounts.insert(-1, ("--ro-bind", str(egress_ca), _SYSTEM_CA_BUNDLE))
         for mount in mounts:
             argv += mount
-        argv += ["--unshare-all", "--hostname", "sandbox", "--die-with-parent", "--new-session", "--as-pid-1"]
+        # Every namespace; the user namespace below, with the mode (`--unshare-all` would make one even as root,
+        # mapping only root, where the shell could then not become its identity).
+        namespaces = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+        argv += [*namespaces, "--hostname", "sandbox", "--die-with-parent", "--new-session", "--as-pid-1"]
         argv += ["--seccomp", str(seccomp_fd), "--clearenv"]
         for key, value in sandbox_environment().items():
             argv += ["--setenv", key, value]
@@ -220,7 +225,11 @@ class BwrapBackend:
             argv += ["--unshare-user", "--disable-userns", "--uid", str(INSIDE_UID), "--gid", str(INSIDE_UID)]
             return [*argv, *driver]
         # Without a user namespace bwrap needs root to make the others; the shell drops to the identity inside.
-        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
+        # setpriv keeps what it needs to drop, then drops it all; the workspace (0700, the identity's) is entered
+        # by the driver once it runs as the identity, not by bwrap as root without capabilities.
+        keep = ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP")
+        argv = [arg if arg != WORKSPACE_MOUNT or argv[i - 1] != "--chdir" else "/" for i, arg in enumerate(argv)]
+        argv += ["--cap-drop", "ALL", *(arg for cap in keep for arg in ("--cap-add", cap))]
         return [*argv, *self._become(identity), "--no-new-privs", "--", *driver]
 
     def _become(self, identity: Identity) -> list[str]:
