@@ -151,34 +151,28 @@ def _require(mode: int, shown: str, want: Literal["file", "directory", "either"]
     raise Refused(f"{shown} is {_kind(mode)}; the editor only opens regular files and directories")
 
 
+# What each error means for the path the model named, as it can act on it ({} is the path).
+_SENTENCES: dict[int, str] = {
+    errno.ENOENT: "{} does not exist",
+    errno.EACCES: "Permission denied: {} (the sandbox's user may not do this; `ls -l` in bash shows owner and mode)",
+    errno.EPERM: "Permission denied: {} (the sandbox's user may not do this; `ls -l` in bash shows owner and mode)",
+    errno.ELOOP: "{} goes through a symbolic link; the editor does not follow links",
+    errno.EXDEV: "{} leaves the workspace's filesystem (a mount point); the editor stays on it",
+    errno.ENOTDIR: "a component of {} is not a directory",
+    errno.EISDIR: "{} is a directory, not a file",
+    errno.ENOSPC: "No space left to write {}: the disk or the sandbox's quota is full",
+    errno.EDQUOT: "No space left to write {}: the disk or the sandbox's quota is full",
+    errno.EROFS: "{} is on a read-only filesystem",
+    errno.ENAMETOOLONG: "a name in {} is too long (names are at most 255 bytes)",
+    errno.EAGAIN: "{} is busy (another process holds a lease or lock on it); try again",
+    errno.ENXIO: "{} is not a regular file; the editor only opens regular files and directories",
+}
+
+
 def _sentence(error: OSError, shown: str) -> Refused:
     """The sentence for an OSError on `shown`."""
-    code = error.errno
-    if code == errno.ENOENT:
-        return Refused(f"{shown} does not exist")
-    if code in (errno.EACCES, errno.EPERM):
-        return Refused(
-            f"Permission denied: {shown} (the sandbox's user may not do this; `ls -l` in bash shows owner and mode)"
-        )
-    if code == errno.ELOOP:
-        return Refused(f"{shown} goes through a symbolic link; the editor does not follow links")
-    if code == errno.EXDEV:
-        return Refused(f"{shown} leaves the workspace's filesystem (a mount point); the editor stays on it")
-    if code == errno.ENOTDIR:
-        return Refused(f"a component of {shown} is not a directory")
-    if code == errno.EISDIR:
-        return Refused(f"{shown} is a directory, not a file")
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return Refused(f"No space left to write {shown}: the disk or the sandbox's quota is full")
-    if code == errno.EROFS:
-        return Refused(f"{shown} is on a read-only filesystem")
-    if code == errno.ENAMETOOLONG:
-        return Refused(f"a name in {shown} is too long (names are at most 255 bytes)")
-    if code == errno.EAGAIN:
-        return Refused(f"{shown} is busy (another process holds a lease or lock on it); try again")
-    if code == errno.ENXIO:
-        return Refused(f"{shown} is not a regular file; the editor only opens regular files and directories")
-    return Refused(f"{error.strerror or error}: {shown}")
+    template = _SENTENCES.get(error.errno or 0)
+    return Refused(template.format(shown) if template else f"{error.strerror or error}: {shown}")
 
 
 @contextmanager
