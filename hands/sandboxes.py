@@ -30,7 +30,7 @@ from hands.egress_relay import EgressRelays, SandboxEgress, SecretPlaceholder, s
 from hands.executions import ExecResult, ExecStatus, ExecutionLog, call_fingerprint
 from hands.git_relay import GitRelays, Repository, SandboxRelay
 from hands.identities import Identities, Identity
-from hands.shell import Shell, write_driver
+from hands.shell import CommandNotDelivered, Shell, write_driver
 from hands.tools import bash, text_editor
 from managed_agents.mesh.errors import FailedPrecondition, IdempotencyKeyReused, SandboxNotFound, SandboxUnavailable
 from managed_agents.mesh.ids import SANDBOX_PREFIX, new_id
@@ -523,7 +523,15 @@ class SandboxManager:
             sandbox.shell = await self._start_shell(sandbox)
         shell = sandbox.shell
         before = await self.backend.limit_events(sandbox.id)
-        outcome = await shell.run(command, timeout=timeout)
+        try:
+            outcome = await shell.run(command, timeout=timeout)
+        except CommandNotDelivered as error:
+            return ExecResult(
+                f"This call did not run: hands could not write it for the sandbox's shell ({error}). The sandbox's "
+                "disk is full to its last block; remove files (`rm`) to make room.",
+                is_error=True,
+                status=ExecStatus.REJECTED,
+            )
         output = outcome.output
         if outcome.shell_ended and not outcome.restarted_after_timeout:
             reason = await self._shell_ended(sandbox, shell)

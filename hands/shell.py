@@ -6,7 +6,7 @@ its file descriptors (`/proc/1/fd/...`), read its memory or trace it. The driver
 that no command ever holds:
 
 - its standard input, on which hands writes one line per command: the command's sequence number (the command
-  itself is in `cmd-<seq>.sh` of the control directory, which the sandbox can read but not write);
+  itself is in `cmd.sh` of the control directory, which the sandbox can read but not write);
 - a status descriptor, on which the driver writes `<seq> <exit status> <token>` once the command's process
   has ended.
 
@@ -27,7 +27,6 @@ short by construction and cut if not.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shlex
 from collections.abc import Mapping
@@ -38,6 +37,9 @@ from hands.backend import ShellProcess
 
 OUTPUT_LIMIT = 30_000  # bytes kept of one command's output (head and tail halves)
 DRIVER = "driver.sh"
+# The command of the current call, rewritten in place for each call: made with the driver, so that a sandbox
+# whose disk is out of inodes (hands writes there as root, from the blocks ext4 keeps for root) still gets it.
+COMMAND = "cmd.sh"
 END_PREFIX = b"__managed_agents_end_"
 STATE_MOUNT = "/run/shell"  # a private tmpfs of each shell, holding the state its calls carry over
 _STATUS_LINE_LIMIT = 256
@@ -58,6 +60,7 @@ def driver_script(control_inside: str, environment: Mapping[str, str]) -> str:
 if [ -n "${{BASH_VERSION:-}}" ]; then set +o posix; fi
 cd -- "${{HOME:-/workspace}}" 2>/dev/null
 {exports}__ma_dir={shlex.quote(control_inside)}
+__ma_command={COMMAND}
 __ma_state={STATE_MOUNT}/state
 __ma_fd=${{1:-3}}
 case $__ma_fd in [0-9]) ;; *) echo "the status descriptor must be one digit" >&2; exit 2 ;; esac
@@ -96,11 +99,11 @@ while IFS= read -r __ma_seq; do
     eval "exec $__ma_fd>&-"
     exec </dev/null 2>&1
     trap - INT QUIT
-    readonly __ma_seq __ma_dir __ma_state __ma_fd
+    readonly __ma_seq __ma_dir __ma_command __ma_state __ma_fd
     if [ -f "$__ma_state" ]; then . "$__ma_state" 2>/dev/null; fi
     __ma_restore
     trap __ma_save EXIT
-    . "$__ma_dir/cmd-$__ma_seq.sh"
+    . "$__ma_dir/$__ma_command"
   )
   __ma_code=$?
   __ma_token
@@ -111,12 +114,19 @@ done
 
 
 def write_driver(control: Path, control_inside: str, environment: Mapping[str, str]) -> None:
-    """Writes the driver into a sandbox's control directory (read-only inside)."""
+    """Writes the driver and the command file into a sandbox's control directory (read-only inside), once: a
+    sandbox's environment never changes, and a new file would need an inode its filesystem may no longer have."""
     path = control / DRIVER
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(driver_script(control_inside, environment))
-    os.chmod(tmp, 0o644)
-    tmp.replace(path)
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(driver_script(control_inside, environment))
+        os.chmod(tmp, 0o644)
+        tmp.replace(path)
+    (control / COMMAND).touch(mode=0o644)
+
+
+class CommandNotDelivered(Exception):
+    """The command could not be written for the shell (its disk is full to the last block): nothing ran."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,41 +219,42 @@ class Shell:
         """Runs `command`; on timeout, stops what it started and returns what it printed."""
         self._seq += 1
         seq = self._seq
-        script = os.path.join(self._control_host, f"cmd-{seq}.sh")
-        # A few hundred bytes to a local file: cheaper inline than a hop to a thread.
-        with open(script, "w") as handle:  # noqa: ASYNC230
-            handle.write(command + "\n")
+        script = os.path.join(self._control_host, COMMAND)
+        try:
+            # A few hundred bytes to a local file: cheaper inline than a hop to a thread. The previous call's
+            # command has been read: its process ended before its status came.
+            with open(script, "r+") as handle:  # noqa: ASYNC230
+                handle.truncate()
+                handle.write(command + "\n")
+        except OSError as error:
+            raise CommandNotDelivered(f"{error.strerror or error}") from None
         capture = _Capture(OUTPUT_LIMIT)
         try:
-            try:
-                await self._process.write(f"{seq}\n".encode())
-            except OSError:
-                self._ended = True
-                return ShellResult("", None, shell_ended=True)
-            loop = asyncio.get_running_loop()
-            status = await self._until_status(seq, capture, loop.time() + timeout)
-            timed_out = status is None and not self._status_ended
-            if timed_out:
-                await self._process.kill_children()
-                status = await self._until_status(seq, capture, loop.time() + _KILL_GRACE_S)
-                if status is None and not self._status_ended:
-                    # Nothing the driver runs should survive the kill; if it did, only a new shell is safe.
-                    await self.close()
-                    self._commit_held(capture)
-                    output, truncated = capture.text()
-                    note = (
-                        f"\n[the command did not finish within {timeout:g} s and its processes could not be "
-                        "stopped, so the shell was restarted: the working directory and environment variables "
-                        "are back to their defaults]"
-                    )
-                    return ShellResult(
-                        output + note, None, timed_out=True, truncated=truncated, restarted_after_timeout=True
-                    )
-            if status is not None:
-                await self._until_end(status.token, capture, loop.time() + _END_GRACE_S)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(script)
+            await self._process.write(f"{seq}\n".encode())
+        except OSError:
+            self._ended = True
+            return ShellResult("", None, shell_ended=True)
+        loop = asyncio.get_running_loop()
+        status = await self._until_status(seq, capture, loop.time() + timeout)
+        timed_out = status is None and not self._status_ended
+        if timed_out:
+            await self._process.kill_children()
+            status = await self._until_status(seq, capture, loop.time() + _KILL_GRACE_S)
+            if status is None and not self._status_ended:
+                # Nothing the driver runs should survive the kill; if it did, only a new shell is safe.
+                await self.close()
+                self._commit_held(capture)
+                output, truncated = capture.text()
+                note = (
+                    f"\n[the command did not finish within {timeout:g} s and its processes could not be "
+                    "stopped, so the shell was restarted: the working directory and environment variables "
+                    "are back to their defaults]"
+                )
+                return ShellResult(
+                    output + note, None, timed_out=True, truncated=truncated, restarted_after_timeout=True
+                )
+        if status is not None:
+            await self._until_end(status.token, capture, loop.time() + _END_GRACE_S)
         self._commit_held(capture)
         output, truncated = capture.text()
         if status is None:

@@ -119,11 +119,9 @@ class LocalMesh:
     def _tell_watchdog(self, line: str) -> None:
         if self._watchdog is None or self._watchdog.stdin is None or self._watchdog.stdin.closed:
             return
-        try:
+        with contextlib.suppress(OSError):  # it died: nothing to tell
             self._watchdog.stdin.write(line.encode() + b"\n")
             self._watchdog.stdin.flush()
-        except OSError:  # it died: nothing to tell
-            pass
 
     def _stop_watchdog(self) -> None:
         """Closes the watchdog's pipe (it then stops whatever of the mesh is left) and waits for it."""

@@ -57,7 +57,8 @@ ENVIRONMENT = {
 }
 _HEADER = struct.Struct(">BxxxI")  # stream type, 3 bytes padding, payload length
 _MAX_FRAME = 16 << 20  # engines frame a container's output in small pieces; anything this large is not one
-_OUTSTANDING_BYTES = 1 << 20  # output read from the engine that hands has not consumed yet
+_OUTSTANDING_BYTES = 1 << 20
+_MAX_INTERPRETER = 64 << 20  # output read from the engine that hands has not consumed yet
 _STATE_TMPFS = "size=16m,mode=1777"
 _SHELLS = ("/bin/bash", "/usr/bin/bash", "/bin/sh", "/usr/bin/sh")
 
@@ -392,7 +393,7 @@ def _copy_interpreter(container: Any, control: Path) -> None:
                 if _no_such_container(error) or "no such file" in str(error.explanation or "").lower():
                     break
                 raise SandboxUnavailable(f"cannot read the image's shell {path}: {error.explanation}") from None
-            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            with tarfile.open(fileobj=io.BytesIO(_bounded(stream, path))) as tar:
                 member = tar.next()
                 if member is None:
                     break
@@ -407,6 +408,17 @@ def _copy_interpreter(container: Any, control: Path) -> None:
                 os.chmod(target, 0o111)
                 return
     raise SandboxUnavailable("the image has no /bin/bash nor /bin/sh for the sandbox's shell")
+
+
+def _bounded(stream: Any, path: str) -> bytes:
+    """An archive from the engine, at most `_MAX_INTERPRETER` bytes: the image is the caller's choice, and its
+    shell could be any size."""
+    data = bytearray()
+    for chunk in stream:
+        data += chunk
+        if len(data) > _MAX_INTERPRETER:
+            raise SandboxUnavailable(f"the image's {path} is larger than {_MAX_INTERPRETER >> 20} MiB; not a shell")
+    return bytes(data)
 
 
 def _no_such_container(error: docker.errors.APIError) -> bool:

@@ -312,3 +312,20 @@ async def test_command_timeout_is_a_ceiling_no_call_can_raise(hands: HandsClient
     started = time.monotonic()
     shorter = await run(hands, sandbox, "sleep 20", timeout=0.5)
     assert shorter.status == hands_pb2.EXECUTION_STATUS_TIMED_OUT and time.monotonic() - started < 5
+
+
+async def test_a_disk_out_of_inodes_and_blocks_still_takes_commands(hands: HandsClient) -> None:
+    sandbox = (await hands.provision(resources=sandbox_pb2.Resources(disk_bytes=64 << 20))).id
+    # A background job takes every inode and block it can, and keeps taking each one freed.
+    await run(
+        hands,
+        sandbox,
+        "mkdir f; (i=0; while :; do : > f/$i || sleep 0.01; i=$((i+1)); done >/dev/null 2>&1 &) ; "
+        "(dd if=/dev/zero of=fill bs=1M >/dev/null 2>&1 &); true",
+    )
+    await asyncio.sleep(3)
+    for _ in range(3):
+        alive = await run(hands, sandbox, "echo alive; df -i /workspace | tail -1")
+        assert alive.output.startswith("alive\n"), alive.output
+    cleaned = await run(hands, sandbox, "pkill -f 'while :' ; rm -rf f fill; echo cleaned")
+    assert "cleaned" in cleaned.output
